@@ -1,0 +1,178 @@
+"""Context vocabularies and the per-forward routing plan shared by every adapted layer.
+
+Every token carries a context id in ``[0, C)``; ``-1`` means "no adaptor" (base layer only, e.g. padding).
+The routing plan is computed ONCE per forward from ``context_ids`` (B, S) and read by all adapted layers:
+
+* uniform: every live token has the same context -> no permutation at all (``uniform`` is that id);
+* grouped: a stable sort of the live tokens by context (``perm``), per-context ``counts`` (python ints),
+  so a layer runs one dense matmul per context segment: the cost per token does not grow with C.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+NO_CONTEXT = -1
+
+
+class ContextIdsError(ValueError):
+    """``context_ids`` does not fit the model or the input (shape, dtype or range)."""
+
+
+@dataclass(frozen=True)
+class ContextVocab:
+    """Ordered context names <-> ids. Names of merged tasks are namespaced as ``task.context``."""
+
+    names: tuple[str, ...]
+
+    def __post_init__(self):
+        names = tuple(self.names)
+        object.__setattr__(self, "names", names)
+        if not names:
+            raise ValueError("a context vocabulary needs at least one context name")
+        bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+        if bad:
+            raise ValueError(f"context names must be non-empty strings, got {bad!r}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"context names must be unique, repeated: {dup}")
+
+    @classmethod
+    def of(cls, names: str | Iterable[str]) -> "ContextVocab":
+        """Build from ``"image,text"`` or an iterable of names."""
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        return cls(tuple(names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def id(self, name: str | int) -> int:
+        """The id of a context name (an int is checked and returned as is; -1 is "no adaptor")."""
+        if isinstance(name, int):
+            if not NO_CONTEXT <= name < len(self):
+                raise ContextIdsError(f"context id {name} is outside [-1, {len(self)}) for contexts {list(self.names)}")
+            return name
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ContextIdsError(f"unknown context {name!r}; this model's contexts are {list(self.names)}") from None
+
+    def ids(self, names: Sequence[str | int]) -> list[int]:
+        return [self.id(n) for n in names]
+
+    def namespaced(self, task: str) -> "ContextVocab":
+        """``image`` -> ``caption.image``: how contexts of different tasks coexist in one merged model."""
+        return ContextVocab(tuple(f"{task}.{n}" for n in self.names))
+
+    def remap_table(self, target: "ContextVocab", mapping: dict[str, str] | None = None) -> torch.Tensor:
+        """A (C_self + 1,) lookup: ``table[id + 1]`` is the id in ``target`` (index 0 keeps -1 as -1).
+
+        ``mapping`` renames contexts of ``self`` to names of ``target``; unmapped names must exist in target.
+        """
+        mapping = mapping or {}
+        table = [NO_CONTEXT] + [target.id(mapping.get(n, n)) for n in self.names]
+        return torch.tensor(table, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """How the tokens of one forward are grouped by context (computed once, read by every layer).
+
+    Shapes: N = B * S tokens; L = number of live tokens (context id >= 0).
+    """
+
+    num_tokens: int  # N
+    num_contexts: int  # C
+    counts: tuple[int, ...]  # (C,) live tokens per context
+    uniform: int | None  # the single context of all live tokens, else None
+    live_mask: torch.Tensor | None  # (N,) bool, only when some tokens are -1
+    perm: torch.Tensor | None  # (L,) token indices sorted by context; None on the uniform path
+    ids: torch.Tensor  # (N,) long context ids, -1 kept
+
+    @property
+    def num_live(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def lookup_index(self) -> torch.Tensor:
+        """(N,) ids shifted by one, so that row 0 of a ``[identity; table]`` lookup serves -1 tokens."""
+        return self.ids + 1
+
+
+def check_context_ids(context_ids: torch.Tensor, num_contexts: int, shape: Sequence[int] | None = None) -> None:
+    """Raise :class:`ContextIdsError` naming the problem and the fix; returns nothing when they are good."""
+    if not isinstance(context_ids, torch.Tensor):
+        raise ContextIdsError(f"context_ids must be a torch.Tensor of integer ids, got {type(context_ids).__name__}")
+    if context_ids.dtype.is_floating_point or context_ids.dtype.is_complex or context_ids.dtype == torch.bool:
+        raise ContextIdsError(
+            f"context_ids must hold integer ids (torch.long), got dtype {context_ids.dtype}; "
+            "build them with torch.long, e.g. torch.full_like(input_ids, vocab.id('text'))"
+        )
+    if shape is not None and tuple(context_ids.shape) != tuple(shape):
+        raise ContextIdsError(
+            f"context_ids has shape {tuple(context_ids.shape)} but the input tokens have shape {tuple(shape)}; "
+            "give one context id per token, (batch, seq_len)"
+        )
+    if context_ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(context_ids.detach()))
+    if lo < NO_CONTEXT or hi >= num_contexts:
+        raise ContextIdsError(
+            f"context_ids holds values in [{lo}, {hi}] but this model has {num_contexts} contexts: "
+            f"valid ids are 0..{num_contexts - 1}, and -1 for tokens that take no adaptor (padding)"
+        )
+
+
+def build_plan(context_ids: torch.Tensor, num_contexts: int) -> RoutingPlan:
+    """Group tokens by context. One host sync (the per-context counts) per forward, not per layer."""
+    check_context_ids(context_ids, num_contexts)
+    ids = context_ids.reshape(-1).long()
+    n = ids.numel()
+    counts_all = torch.bincount(ids + 1, minlength=num_contexts + 1).tolist()  # [#(-1), #0, ..., #C-1]
+    n_dead, counts = counts_all[0], tuple(counts_all[1:])
+    live_mask = ids >= 0 if n_dead else None
+    used = [c for c, k in enumerate(counts) if k]
+    if len(used) <= 1:  # fast path: no permutation at all
+        return RoutingPlan(n, num_contexts, counts, used[0] if used else None, live_mask, None, ids)
+    perm = torch.argsort(ids, stable=True)[n_dead:]  # -1 tokens sort first; drop them
+    return RoutingPlan(n, num_contexts, counts, None, live_mask, perm, ids)
+
+
+class Router:
+    """Holds the current routing plan for every adapted layer of one model (a plain object, not a module).
+
+    The plan stays set after a forward so that gradient checkpointing recomputes activations with the same
+    routing; every new forward of :class:`mtcpeft.model.ContextModel` replaces it, and each layer checks that
+    the plan was built for as many tokens as it sees, so a stale plan cannot be used silently.
+    """
+
+    def __init__(self, num_contexts: int):
+        self.num_contexts = num_contexts
+        self.plan: RoutingPlan | None = None
+
+    def route(self, context_ids: torch.Tensor) -> RoutingPlan:
+        self.plan = build_plan(context_ids, self.num_contexts)
+        return self.plan
+
+    def clear(self) -> None:
+        self.plan = None
+
+    def plan_for(self, num_tokens: int, where: str) -> RoutingPlan:
+        plan = self.plan
+        if plan is None:
+            raise ContextIdsError(
+                f"{where} has no routing plan: call the model through mtcpeft.ContextModel with context_ids "
+                "(or inside `with model.routing(context_ids):`)"
+            )
+        if plan.num_tokens != num_tokens:
+            raise ContextIdsError(
+                f"{where} sees {num_tokens} tokens but the routing plan was built for {plan.num_tokens}: "
+                "context_ids must cover exactly the tokens of this forward (stale routing from another call?)"
+            )
+        return plan
