@@ -134,7 +134,10 @@ class ContextModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Non-reentrant checkpointing by default: recomputed layers read the same (kept) routing plan."""
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(self.model, "activation_checkpointing_enable"):  # the transformers >= 5 name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def context_layers(self) -> Iterator[tuple[str, ContextLayer]]:
         for name, module in self.model.named_modules():
