@@ -1,0 +1,369 @@
+"""Run configuration: nested dataclasses, filled from YAML, then from dotted command-line overrides.
+
+    cfg = load_config("configs/caption_offline.yaml", ["train.lr=3e-4", "adaptor.kind=bitfit"])
+
+A YAML file is a nested mapping mirroring the dataclasses (``train: {lr: 1.0e-4}``); an override is
+``section.key=value`` with the value read as YAML (``3e-4`` -> float, ``null`` -> None, ``[0.9,0.95]`` -> list).
+Every value is then checked against its field's annotation and every dataclass runs its ``__post_init__`` checks,
+so a typo or a wrong type fails at start-up with the key, the problem and the fix in the message.
+:func:`save_config` writes the exact config a run used; :func:`load_config` of that file gives an equal config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from .io import atomic_path
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key, what is wrong and how to fix it."""
+
+
+class _FieldError(ConfigError):
+    """A ``__post_init__`` check failed; the loader re-raises it with the key's section (``train.lr``)."""
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"config key {key!r} {detail}")
+        self.key, self.detail = key, detail
+
+
+def _invalid(key: str, requirement: str, value: Any) -> ConfigError:
+    return _FieldError(key, f"{requirement}, got {value!r}")
+
+
+def _check(ok: bool, key: str, requirement: str, value: Any) -> None:
+    if not ok:
+        raise _invalid(key, requirement, value)
+
+
+def _one_of(key: str, value: Any, choices) -> None:
+    _check(value in choices, key, "must be one of " + ", ".join(map(repr, choices)), value)
+
+
+def _dropout(key: str, value: float | None) -> None:
+    _check(value is None or 0.0 <= value < 1.0, key, "must be in [0, 1)", value)
+
+
+def _positive_or_none(key: str, value) -> None:
+    _check(value is None or value > 0, key, "must be positive (or null)", value)
+
+
+# ------------------------------------------------------------------------------------------------ dataclasses
+@dataclass
+class ModelConfig:
+    """The frozen backbones and the projector between them."""
+
+    lm: str = "smollm2"  # causal LM: hub id, local folder or .gguf, or the packaged alias "smollm2"
+    vision: str = "efficientnet_lite0"  # vision encoder: any timm model name
+    vision_pretrained: str = "packaged"  # "hub" | "packaged" | "none" | a local checkpoint path
+    image_size: int | None = None  # input resolution in pixels; None = the encoder's default
+    projector: str = "linear"  # vision -> LM embedding projector: "linear" (as in the paper) | "mlp"
+    projector_dropout: float = 0.1  # dropout on image features before the projector
+    residual_dropout: float | None = None  # LM residual dropout; None leaves the LM's own setting
+    gradient_checkpointing: bool = False  # recompute LM activations in backward to save memory
+
+    def __post_init__(self):
+        _check(bool(self.lm), "lm", "must name a model", self.lm)
+        _check(bool(self.vision), "vision", "must name a timm model", self.vision)
+        # any other string is a checkpoint path; the loader checks that it exists
+        _check(bool(self.vision_pretrained), "vision_pretrained", "must be hub, packaged, none or a path",
+               self.vision_pretrained)
+        _positive_or_none("image_size", self.image_size)
+        _one_of("projector", self.projector, ("linear", "mlp"))
+        _dropout("projector_dropout", self.projector_dropout)
+        _dropout("residual_dropout", self.residual_dropout)
+
+
+@dataclass
+class AdaptorSpec:
+    """Which adaptor is trained and where; turned into a registered adaptor config by the launch scripts."""
+
+    kind: str = "lora"  # a registered adaptor (lora, bitfit, ia3, none) or "full" (fine-tune the whole LM)
+    rank: int = 8  # LoRA rank per context
+    alpha: float | None = None  # LoRA scaling numerator (update scaled by alpha / rank); None = rank
+    dropout: float = 0.0  # LoRA dropout on the adapted branch's input
+    targets: str = "AF"  # "A" attention, "F" feed-forward, "AF" both, or comma-separated module-name patterns
+    context_agnostic: bool = False  # one parameter group shared by all contexts instead of one per context
+
+    def __post_init__(self):
+        from .adaptors import ADAPTORS  # here, not at import: keeps config importable without the layers
+
+        _one_of("kind", self.kind, ADAPTORS.names() + ["full"])
+        _check(self.rank >= 1, "rank", "must be >= 1", self.rank)
+        _positive_or_none("alpha", self.alpha)
+        _dropout("dropout", self.dropout)
+        _check(bool(self.targets.strip()), "targets", 'must be "A", "F", "AF" or module-name patterns', self.targets)
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they are laid out."""
+
+    source: str = "easyvqa"  # "easyvqa" (packaged, offline) | "coco" (official annotation JSON) | "karpathy"
+    annotations: str | None = None  # captions_train2017.json-style file (source coco)
+    val_annotations: str | None = None  # validation annotation file (source coco)
+    images: str | None = None  # image folder root (coco: the split folders; karpathy: holds train2014/, val2014/)
+    karpathy_json: str | None = None  # dataset_coco.json of the Karpathy split (source karpathy)
+    seq_len: int = 128  # tokens per example after padding
+    max_caption_tokens: int = 63  # caption tokens kept (the rest of seq_len is BOS, image tokens, EOS)
+    augment: bool = False  # random flip / crop / colour jitter on training images (disables feature caching)
+    cache_features: bool = True  # encode each image once with the frozen encoder and reuse the features
+    train_limit: int | None = None  # use only the first N training examples; None = all
+    val_limit: int | None = None  # use only the first N validation examples; None = all
+    on_bad_image: str = "skip"  # unreadable image: "skip" it (and count it) | "fail"
+    num_workers: int = 0  # DataLoader worker processes
+
+    def __post_init__(self):
+        _one_of("source", self.source, ("easyvqa", "coco", "karpathy"))
+        need = {"coco": ("annotations", "images"), "karpathy": ("karpathy_json", "images")}.get(self.source, ())
+        for key in need:
+            _check(getattr(self, key) is not None, key, f"must be set for source {self.source!r} "
+                   f"(override it: data.{key}=PATH)", None)
+        _check(self.max_caption_tokens >= 1, "max_caption_tokens", "must be >= 1", self.max_caption_tokens)
+        _check(self.seq_len > self.max_caption_tokens, "seq_len",
+               f"must exceed max_caption_tokens ({self.max_caption_tokens})", self.seq_len)
+        _positive_or_none("train_limit", self.train_limit)
+        _positive_or_none("val_limit", self.val_limit)
+        _one_of("on_bad_image", self.on_bad_image, ("skip", "fail"))
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0", self.num_workers)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Adam(W) on the trainable parameters only."""
+
+    batch_size: int = 96  # examples per optimizer step per process (before gradient accumulation)
+    epochs: int = 8  # passes over the training set
+    lr: float = 1e-4  # learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam betas
+    weight_decay: float = 0.0  # decoupled weight decay
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step (DeepSpeed: its config's value wins)
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    max_grad_norm: float | None = None  # clip gradients to this norm; None = no clipping
+    max_steps: int | None = None  # stop after this many optimizer steps; None = run all epochs
+    eval_every_epochs: int = 1  # validate every N epochs (the best-validation epoch is reported)
+    save_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = only at epoch ends
+    log_every: int = 10  # log loss / lr every N optimizer steps
+    resume: bool = False  # continue from the last checkpoint in output_dir
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        _check(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        _check(self.lr > 0, "lr", "must be positive", self.lr)
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "betas", "must both be in [0, 1)", self.betas)
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.grad_accum >= 1, "grad_accum", "must be >= 1", self.grad_accum)
+        _one_of("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _positive_or_none("max_grad_norm", self.max_grad_norm)
+        _positive_or_none("max_steps", self.max_steps)
+        _check(self.eval_every_epochs >= 1, "eval_every_epochs", "must be >= 1", self.eval_every_epochs)
+        _check(self.save_every_steps >= 0, "save_every_steps", "must be >= 0", self.save_every_steps)
+        _check(self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
+
+
+@dataclass
+class RunConfig:
+    """One training run: the task, where it writes, and the sections above."""
+
+    task: str = "caption"  # a registered task name
+    output_dir: str = "runs/caption"  # checkpoints, logs, config.yaml and results of this run
+    seed: int = 0  # seed for Python, NumPy and torch
+    model: ModelConfig = field(default_factory=ModelConfig)  # backbones and projector
+    adaptor: AdaptorSpec = field(default_factory=AdaptorSpec)  # what is trained
+    data: DataConfig = field(default_factory=DataConfig)  # examples
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation
+
+    def __post_init__(self):
+        _check(bool(self.task), "task", "must name a registered task", self.task)
+        _check(bool(self.output_dir), "output_dir", "must be a directory path", self.output_dir)
+
+
+# ------------------------------------------------------------------------------------------- type checking
+def _type_name(tp) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """``value`` as annotation ``tp`` requires, or ConfigError naming key, expected type and value."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    hint = "; quote it in YAML (\"no\", \"123\") to keep it a string" if _is_str_field(tp) else ""
+    bad = ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (tuple, list) and isinstance(value, (list, tuple)):
+        if origin is list:
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) == len(args):
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif tp is Any:
+        return value
+    raise bad
+
+
+def _fields(cls) -> dict[str, Any]:
+    """{field name: resolved annotation} of a dataclass, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _fields(cls).items():
+        keys += _all_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [prefix + name]
+    return keys
+
+
+def _unknown_key(root, cls, prefix: str, name: str) -> ConfigError:
+    siblings = list(_fields(cls))
+    guess = difflib.get_close_matches(name, siblings, n=1)
+    if guess:
+        hint = f"did you mean {prefix + guess[0]!r}?"
+    else:  # maybe the right key in the wrong section: `lr` for `train.lr`
+        leaves = {k.rsplit(".", 1)[-1]: k for k in _all_keys(root)}
+        guess = difflib.get_close_matches(name, list(leaves), n=1)
+        hint = f"did you mean {leaves[guess[0]]!r}?" if guess else "no similar key"
+    where = f"keys of {prefix[:-1]}" if prefix else "top-level keys"
+    return ConfigError(f"unknown config key {prefix + name!r}; {hint} ({where}: {', '.join(siblings)})")
+
+
+def _build(cls: type[T], data: Any, prefix: str = "", root=None) -> T:
+    """An instance of dataclass ``cls`` from a nested mapping, every value checked against its annotation."""
+    root = root or cls
+    if not isinstance(data, dict):
+        what = f"section {prefix[:-1]!r}" if prefix else "the config file"
+        raise ConfigError(f"{what} must be a mapping of keys to values, got {type(data).__name__} {data!r}")
+    fields = _fields(cls)
+    for name in data:
+        if name not in fields:
+            raise _unknown_key(root, cls, prefix, str(name))
+    kwargs = {}
+    for name, value in data.items():
+        tp = fields[name]
+        if dataclasses.is_dataclass(tp):  # an empty section (`train:` alone) reads as None
+            kwargs[name] = _build(tp, {} if value is None else value, f"{prefix}{name}.", root)
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise ConfigError(f"config key {prefix + e.key!r} {e.detail}") from None
+
+
+# --------------------------------------------------------------------------------------- overrides and files
+def _set_override(data: dict, text: str, cls) -> None:
+    """Apply one ``a.b.c=value`` to the nested mapping ``data`` (in place)."""
+    key, eq, raw = text.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"bad override {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=3e-4 or "
+                          "data.train_limit=null")
+    *sections, leaf = key.split(".")
+    node, node_cls, prefix = data, cls, ""
+    for section in sections:
+        tp = _fields(node_cls).get(section)
+        if not dataclasses.is_dataclass(tp):
+            if tp is None:
+                raise _unknown_key(cls, node_cls, prefix, section)
+            raise ConfigError(f"bad override {text!r}: {prefix + section!r} is a value, not a section")
+        if node.get(section) is None:
+            node[section] = {}
+        child = node[section]
+        if not isinstance(child, dict):  # let _build report the bad section
+            return
+        node, node_cls, prefix = child, tp, f"{prefix}{section}."
+    tp = _fields(node_cls).get(leaf)
+    if tp is None:
+        raise _unknown_key(cls, node_cls, prefix, leaf)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad override {text!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+    if value is not None and not isinstance(value, str) and _is_str_field(tp):
+        value = raw.strip()  # output_dir=2024 or data.images=no: a string field keeps the text as typed
+    node[leaf] = value
+
+
+def _is_str_field(tp) -> bool:
+    return tp is str or set(typing.get_args(tp)) == {str, type(None)}
+
+
+def load_config(path: str | os.PathLike | None, overrides=(), cls: type[T] = RunConfig) -> T:
+    """Defaults of ``cls``, updated from the YAML file ``path`` (if any), then from ``overrides`` in order."""
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    data: Any = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        data = {} if data is None else data
+    if isinstance(data, dict):
+        for text in overrides:
+            _set_override(data, text, cls)
+    try:
+        return _build(cls, data)
+    except ConfigError as e:
+        if path is None:
+            raise
+        where = f"{path}" + (f" with overrides {overrides}" if overrides else "")
+        raise ConfigError(f"{e} (loading {where})") from None
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists) that YAML can write and :func:`load_config` reads back."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML, atomically; ``load_config(path)`` returns an equal config."""
+    text = "# the exact config of this run; rerun with: --config <this file>\n"
+    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
