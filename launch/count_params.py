@@ -1,0 +1,97 @@
+"""Count the trainable parameters a context adaptor adds to an LM backbone.
+
+    python launch/count_params.py --model smollm2 --adaptor lora --rank 64 --targets AF --contexts image,text
+    python launch/count_params.py --model smollm2 --adaptor lora --rank 64 --context-agnostic --json
+    python launch/count_params.py --model path/to/config.json --adaptor ia3 --targets AF --random-init
+
+``--model`` takes what :func:`mtcpeft.models.load_lm` takes (hub id, folder, .gguf, ``smollm2``, config.json).
+``--random-init`` builds the model from its configuration on the meta device (instant, no weights read); the
+count is the same as with the real weights. Also runs under ``accelerate launch``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+try:
+    import mtcpeft  # noqa: F401  (installed with `pip install -e .`)
+except ImportError:  # a fresh clone: run from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mtcpeft.adaptors import ADAPTORS, adaptor_config
+from mtcpeft.models import LMNotFoundError
+from mtcpeft.params import AGNOSTIC, count_for
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="hub id, folder, .gguf, 'smollm2' or config.json")
+    p.add_argument("--adaptor", default="lora", choices=ADAPTORS.names(), help="adaptor kind")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the LoRA config's)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--targets", default="AF", help="A, F, AF or comma-separated module-name patterns")
+    p.add_argument("--contexts", default="image,text", help="comma-separated context names")
+    p.add_argument("--context-agnostic", action="store_true", help="one shared group (ignores --contexts)")
+    p.add_argument("--random-init", action="store_true", help="build from the config on the meta device")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p.parse_args(argv)
+
+
+def adaptor_options(args: argparse.Namespace) -> dict:
+    """--rank/--alpha for the kinds that have them; naming them for another kind is an error."""
+    given = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha)) if v is not None}
+    fields = ADAPTORS.get(args.adaptor).__dataclass_fields__
+    extra = sorted(k for k in given if k not in fields)
+    if extra:
+        flags = ", ".join(f"--{k}" for k in extra)
+        raise SystemExit(f"error: the {args.adaptor!r} adaptor has no {flags} option (options: {', '.join(fields)})")
+    return given
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    config = adaptor_config(args.adaptor, **adaptor_options(args))
+    contexts = [AGNOSTIC] if args.context_agnostic else [c.strip() for c in args.contexts.split(",") if c.strip()]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report (libraries log there)
+            count = count_for(args.model, config, contexts, args.targets, random_init=args.random_init)
+    except LMNotFoundError as e:  # a wrong --model: the message already says what to pass
+        raise SystemExit(f"error: {e}") from None
+    result = {
+        "model": args.model,
+        "adaptor": args.adaptor,
+        "rank": getattr(config, "rank", None),
+        "targets": args.targets,
+        "contexts": contexts,
+        "trainable": count.trainable,
+        "total_lm": count.total_lm,
+        "percent": round(count.percent, 4),
+    }
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: one report, from the main process
+        return result
+    if args.json:
+        print(json.dumps(result))
+        return result
+    adaptor = args.adaptor
+    if hasattr(config, "rank"):
+        adaptor += f" (rank {config.rank}, alpha {config.alpha:g})"
+    rows = [
+        ("model", args.model + (" (random init)" if args.random_init else "")),
+        ("adaptor", adaptor),
+        ("targets", args.targets),
+        ("contexts", ", ".join(contexts) + (" (context-agnostic)" if args.context_agnostic else "")),
+        ("trainable", f"{count.trainable:>15,}"),
+        ("total LM", f"{count.total_lm:>15,}"),
+        ("percent", f"{count.percent:>14.4f}%"),
+    ]
+    for key, value in rows:
+        print(f"{key:<10} {value}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
