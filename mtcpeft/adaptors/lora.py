@@ -6,11 +6,12 @@ applied to each token with the group of its context (Context-PEFT, arXiv 2312.08
 Storage: ``lora_A`` (C, r, d_in) and ``lora_B`` (C, r, d_out). Both keep the rank first because on CPU the
 weight-gradient matmuls that produce (r, d) run several times faster than those producing (d, r).
 
-Cost: tokens are gathered into context order once (the shared plan), each segment runs two dense matmuls
-with its own A_c, B_c, and the result is scattered back added onto the frozen output. Every token meets
-exactly one A and one B, so the work per token does not grow with the number of contexts (the official
-implementation multiplies every token by every context's A and masks: linear in C, and one non-finite
-weight of an unused context poisons every token through 0 * inf).
+Cost: tokens are taken in context order (the shared plan's permutation) one block of rows at a time: gathered,
+multiplied by their own A_c and B_c, and scattered back added onto the frozen output, so the only extra memory
+is a few MB of block buffers and the (L, r) hidden. Every token meets exactly one A and one B, so the work per
+token does not grow with the number of contexts (the official implementation multiplies every token by every
+context's A and masks: linear in C, and one non-finite weight of an unused context poisons every token through
+0 * inf). Measured against PEFT's LoRA layer in bench/RESULTS.md (``python bench/adaptors.py``).
 """
 from __future__ import annotations
 
@@ -25,64 +26,71 @@ from ..contexts import RoutingPlan
 from .base import AdaptorConfig, ContextLayer, register_adaptor
 
 
-class _GroupedLoRA(torch.autograd.Function):
-    """y[perm] += scale * B_c(A_c(x[perm])) segment by segment, in place on the frozen output y.
+# Rows per gather/scatter block: bounds the temporaries of one block (rows x (d_in + d_out) floats) to a few MB,
+# so the grouped path costs about the memory of one plain LoRA whatever the number of contexts.
+_BLOCK_BYTES = 8 << 20
 
-    y (N, D) frozen-layer output, x (N, d), A (C, r, d), B (C, r, D), perm (L,), counts: C python ints.
-    Saves only the index, the (L, r) hidden and references to x, A, B: no (N, d) or (N, C, .) buffers.
+
+def _blocks(counts: tuple[int, ...], rows: int):
+    """(context, start, stop) over the context-sorted live tokens, segments cut into blocks of <= rows."""
+    start = 0
+    for c, n in enumerate(counts):
+        for s in range(start, start + n, rows):
+            yield c, s, min(s + rows, start + n)
+        start += n
+
+
+class _GroupedLoRA(torch.autograd.Function):
+    """y[perm] += scale * B_c(A_c(x[perm])) block by block, in place on the frozen output y.
+
+    y (..., D) frozen-layer output, x (..., d) with N tokens, A (C, r, d), B (C, r, D), perm (L,) indices into
+    the N flattened tokens, counts: C python ints.
+    Tokens are gathered, multiplied and scattered back one block of rows at a time into two reused buffers,
+    so no (L, d) or (L, D) copy ever exists; saves only the index, the (L, r) hidden and x, A, B.
     """
 
     @staticmethod
     def forward(ctx, y, x, A, B, perm, counts, scale):
-        xs = x.index_select(0, perm)  # (L, d) tokens in context order
-        h = x.new_empty(xs.shape[0], A.shape[1])  # (L, r)
-        out = x.new_empty(xs.shape[0], B.shape[2])  # (L, D)
-        start = 0
-        for c, n in enumerate(counts):
-            if n:
-                seg = slice(start, start + n)
-                torch.mm(xs[seg], A[c].t(), out=h[seg])
-                start += n
-        h.mul_(scale)
-        start = 0
-        for c, n in enumerate(counts):
-            if n:
-                seg = slice(start, start + n)
-                torch.mm(h[seg], B[c], out=out[seg])
-                start += n
-        y.index_add_(0, perm, out)
+        d, D = x.shape[-1], y.shape[-1]
+        yf, xf = y.view(-1, D), x.reshape(-1, d)  # flat views (x copied only if it was not contiguous)
+        rows = max(256, _BLOCK_BYTES // (x.element_size() * (d + D)))
+        h = x.new_empty(perm.shape[0], A.shape[1])  # (L, r), context order
+        xs_buf, out_buf = x.new_empty(rows, d), x.new_empty(rows, D)
+        for c, s, e in _blocks(counts, rows):
+            xs = torch.index_select(xf, 0, perm[s:e], out=xs_buf[: e - s])
+            torch.mm(xs, A[c].t(), out=h[s:e])
+            h[s:e].mul_(scale)
+            yf.index_add_(0, perm[s:e], torch.mm(h[s:e], B[c], out=out_buf[: e - s]))
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, A, B, perm, h)
-        ctx.counts, ctx.scale = counts, scale
+        ctx.counts, ctx.scale, ctx.rows = counts, scale, rows
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, A, B, perm, h = ctx.saved_tensors  # h already carries the scale
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
-        gs = g.index_select(0, perm)  # (L, D)
-        xs = x.index_select(0, perm) if need_A else None
+        rows, d, D = ctx.rows, x.shape[-1], g.shape[-1]
+        gf, xf = g.reshape(-1, D), x.reshape(-1, d)
+        # weight grads are accumulated block by block: contexts without tokens keep exact zeros
         gA = torch.zeros_like(A) if need_A else None
         gB = torch.zeros_like(B) if need_B else None
-        gxs = x.new_empty(xs.shape if xs is not None else (perm.shape[0], x.shape[1])) if need_x else None
-        start = 0
-        for c, n in enumerate(ctx.counts):
-            if not n:
-                continue
-            seg = slice(start, start + n)
-            start += n
+        gx = gxf = None
+        if need_x:  # every live token is written exactly once; -1 tokens (absent from perm) get zeros
+            gx = x.new_empty(x.shape) if perm.shape[0] == xf.shape[0] else x.new_zeros(x.shape)
+            gxf = gx.view(-1, d)  # written through a flat view; gx itself (x's shape) is returned
+        gs_buf, xs_buf, gxs_buf = g.new_empty(rows, D), x.new_empty(rows, d), x.new_empty(rows, d)
+        for c, s, e in _blocks(ctx.counts, rows):
+            idx, n = perm[s:e], e - s
+            gs = torch.index_select(gf, 0, idx, out=gs_buf[:n])  # (n, D)
             if need_B:
-                torch.mm(h[seg].t(), gs[seg], out=gB[c])  # (r, D)
+                gB[c].addmm_(h[s:e].t(), gs)  # (r, D): the fast layout on CPU
             if need_A or need_x:
-                gh = torch.mm(gs[seg], B[c].t()).mul_(ctx.scale)  # (n, r)
+                gh = torch.mm(gs, B[c].t()).mul_(ctx.scale)  # (n, r)
                 if need_A:
-                    torch.mm(gh.t(), xs[seg], out=gA[c])  # (r, d)
+                    gA[c].addmm_(gh.t(), torch.index_select(xf, 0, idx, out=xs_buf[:n]))  # (r, d)
                 if need_x:
-                    torch.mm(gh, A[c], out=gxs[seg])  # (n, d)
-        gx = None
-        if need_x:
-            gx = x.new_zeros(x.shape) if perm.shape[0] != x.shape[0] else x.new_empty(x.shape)
-            gx.index_copy_(0, perm, gxs)
+                    gxf.index_copy_(0, idx, torch.mm(gh, A[c], out=gxs_buf[:n]))
         return g, gx, gA, gB, None, None, None
 
 
@@ -139,9 +147,10 @@ class ContextLoRALayer(ContextLayer):
             if plan.live_mask is not None:
                 h = h * plan.live_mask.view(*x.shape[:-1], 1).to(h.dtype)
             return y + h @ B[c]
-        flat_y = y.reshape(-1, self.out_features)
-        out = _GroupedLoRA.apply(flat_y, xd.reshape(-1, self.in_features), A, B, plan.perm, plan.counts, self.scale)
-        return out.view(y.shape)
+        # y and x go in unflattened: an in-place Function on a *view* of y would make autograd wrap it in
+        # CopySlices, which copies and clones the full (N, D) gradient in backward
+        y = y if y.is_contiguous() else y.contiguous()  # updated in place through a flat view
+        return _GroupedLoRA.apply(y, xd, A, B, plan.perm, plan.counts, self.scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.lora_A.shape[1]}, scale={self.scale:g}"
