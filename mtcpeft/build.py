@@ -1,0 +1,197 @@
+"""Builders between a :class:`mtcpeft.config.RunConfig` and the objects the trainer runs: they turn config
+fields into flat constructor arguments so that no class reads the config itself."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adaptors import adaptor_config
+from .config import RunConfig
+from .contexts import ContextVocab
+from .data.dataset import DataReport, EncodedDataset, check_images, open_image
+from .model import ContextModel
+from .models.lm import load_lm, load_tokenizer
+from .models.projector import Projector
+from .models.vision import build_vision_encoder, cached_features, image_transform
+from .models.vlm import VisionLanguageModel
+from .plugin import PluginError, load_plugin, save_plugin, weights_fingerprint
+
+SHARED = "shared"  # the one context of a context-agnostic model
+
+
+def set_residual_dropout(lm: nn.Module, p: float) -> None:
+    """Residual dropout as in the paper, for LMs that have one (GPT-2: resid_pdrop; OPT: dropout)."""
+    mtype = lm.config.model_type
+    if mtype == "gpt2":
+        lm.config.resid_pdrop = p
+        for name, m in lm.named_modules():
+            if isinstance(m, nn.Dropout) and name.endswith(("resid_dropout", "mlp.dropout")):
+                m.p = p
+    elif mtype == "opt":
+        lm.config.dropout = p
+        for m in lm.modules():
+            if isinstance(getattr(m, "dropout", None), float):
+                m.dropout = p
+    else:
+        raise ValueError(f"{mtype} models have no residual dropout to set; leave model.residual_dropout null")
+
+
+def build_context_lm(cfg: RunConfig, task, lm: nn.Module | None = None) -> ContextModel:
+    """The LM with the configured adaptor injected ("full" = no adaptor, every LM weight trainable)."""
+    spec = cfg.adaptor
+    lm = lm if lm is not None else load_lm(cfg.model.lm)
+    if cfg.model.residual_dropout is not None:
+        set_residual_dropout(lm, cfg.model.residual_dropout)
+    kind = "none" if spec.kind == "full" else spec.kind
+    opts = {"rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout} if kind == "lora" else {}
+    contexts = ContextVocab((SHARED,)) if spec.context_agnostic else task.vocab
+    gen = SHARED if spec.context_agnostic else task.generated_context
+    targets = spec.targets if spec.targets.upper() in ("A", "F", "AF") else spec.targets.split(",")
+    model = ContextModel(lm, contexts, adaptor_config(kind, **opts), targets, generated_context=gen)
+    if spec.kind == "full":
+        for p in lm.parameters():
+            p.requires_grad_(True)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def context_map(cfg: RunConfig, task) -> torch.Tensor | None:
+    """Context-agnostic runs route every live token of the task's contexts to the one shared group."""
+    if not cfg.adaptor.context_agnostic:
+        return None
+    return task.vocab.remap_table(ContextVocab((SHARED,)), {c: SHARED for c in task.contexts})
+
+
+def build_captioner(cfg: RunConfig, task, lm: nn.Module | None = None):
+    """(VisionLanguageModel, tokenizer, CaptionLayout) for an image task."""
+    from tasks.caption import CaptionLayout
+
+    encoder = build_vision_encoder(cfg.model.vision, cfg.model.vision_pretrained, cfg.model.image_size)
+    ctx_lm = build_context_lm(cfg, task, lm)
+    width = ctx_lm.model.get_input_embeddings().embedding_dim
+    projector = Projector(encoder.dim, width, cfg.model.projector, cfg.model.projector_dropout)
+    layout = CaptionLayout(encoder.num_tokens, cfg.data.seq_len, cfg.data.max_caption_tokens)
+    return VisionLanguageModel(ctx_lm, projector, encoder), load_tokenizer(cfg.model.lm), layout
+
+
+def build_image_datasets(cfg: RunConfig, task, model: VisionLanguageModel, tokenizer, layout, splits=("train", "val"),
+                         progress: bool = True) -> dict[str, tuple[EncodedDataset, DataReport]]:
+    """Read, check, encode every split; images become cached features (encoder run once) unless training-time
+    augmentation needs the pixels."""
+    out = {}
+    limits = {"train": cfg.data.train_limit, "val": cfg.data.val_limit}
+    for split in splits:
+        examples = task.examples(split, cfg.data)[: limits.get(split)]
+        report = DataReport(examples=len(examples))
+        bad = check_images([e["image"] for e in examples], cfg.data.on_bad_image, progress)
+        report.bad_images = sorted(bad)
+        items, keep = [], []
+        for e in examples:
+            if e["image"] in bad:
+                continue
+            try:
+                enc = task.encode(e, tokenizer, layout)
+            except ValueError:  # empty caption
+                report.empty_captions += 1
+                continue
+            report.truncated += enc.pop("truncated", False)
+            items.append(enc)
+            keep.append(e)
+        report.kept = len(items)
+        augment = cfg.data.augment and split == "train"
+        if cfg.data.cache_features and not augment:
+            paths = sorted({e["image"] for e in keep})
+            cache = Path(cfg.output_dir) / "features" / f"{split}.safetensors"  # reused on resume
+            feats = cached_features(cache, model.encoder, {p: p for p in paths}, progress=progress)
+            image_fn = _cached(feats, [e["image"] for e in keep])
+        else:
+            image_fn = _pixels(image_transform(model.encoder, train=split == "train", augment=augment),
+                               [e["image"] for e in keep])
+        out[split] = (EncodedDataset(items, image_fn, context_map(cfg, task)), report)
+    return out
+
+
+def _cached(feats: dict, paths: list[str]):
+    return lambda i: {"image_features": feats[paths[i]].float()}
+
+
+def _pixels(transform, paths: list[str]):
+    return lambda i: {"pixel_values": transform(open_image(paths[i]))}
+
+
+# ------------------------------------------------------------------------------------------------ plugins
+def captioner_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str | Path,
+                     state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save adaptor + projector (or the whole LM for "full") with a manifest that can rebuild the model."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = state if state is not None else dict(model.named_parameters())
+    tensors = {n: t for n, t in state.items() if n in trainable}
+    ctx_lm = model.lm
+    manifest = {
+        "task": task.name,
+        "contexts": list(ctx_lm.vocab.names),
+        "task_contexts": list(task.contexts),
+        "generated_context": task.generated_context if not cfg.adaptor.context_agnostic else SHARED,
+        "adaptor": {**ctx_lm.adaptor.to_dict(), "full_finetune": cfg.adaptor.kind == "full"},
+        "placement": cfg.adaptor.targets,
+        "targets": ctx_lm.target_names,
+        "base_lm": cfg.model.lm,
+        "base_lm_fingerprint": weights_fingerprint(_frozen_lm(ctx_lm)),
+        "vision": {"name": cfg.model.vision, "pretrained": cfg.model.vision_pretrained,
+                   "image_size": model.encoder.image_size, "fingerprint": model.encoder.fingerprint()},
+        "projector": {"kind": cfg.model.projector, "in_dim": model.encoder.dim,
+                      "out_dim": ctx_lm.model.get_input_embeddings().embedding_dim},
+        "layout": {"seq_len": cfg.data.seq_len, "max_caption_tokens": cfg.data.max_caption_tokens},
+    }
+    return save_plugin(out_dir, manifest, tensors)
+
+
+def _frozen_lm(ctx_lm: ContextModel) -> nn.Module:
+    """The LM's embedding table stands for its frozen weights (present and frozen in every PEFT run)."""
+    return ctx_lm.model.get_input_embeddings()
+
+
+def load_captioner(plugin_dir: str | Path, lm: str | None = None):
+    """Rebuild (model, tokenizer, layout, task, manifest) from a captioning plugin; checks the base LM."""
+    from tasks import get_task
+    from tasks.caption import CaptionLayout
+
+    from .config import RunConfig
+
+    manifest, tensors = load_plugin(plugin_dir)
+    task = get_task(manifest["task"])
+    cfg = RunConfig()
+    cfg.model.lm = lm or manifest["base_lm"]
+    cfg.model.vision = manifest["vision"]["name"]
+    cfg.model.vision_pretrained = manifest["vision"]["pretrained"]
+    cfg.model.image_size = manifest["vision"]["image_size"]
+    cfg.model.projector = manifest["projector"]["kind"]
+    adaptor = dict(manifest["adaptor"])
+    kind, full = adaptor.pop("kind"), adaptor.pop("full_finetune", False)
+    cfg.adaptor.kind = "full" if full else kind
+    if kind == "lora":
+        cfg.adaptor.rank, cfg.adaptor.alpha, cfg.adaptor.dropout = adaptor["rank"], adaptor["alpha"], adaptor["dropout"]
+    cfg.adaptor.context_agnostic = manifest["contexts"] == [SHARED]
+    cfg.adaptor.targets = manifest["placement"]
+    cfg.data.seq_len = manifest["layout"]["seq_len"]
+    cfg.data.max_caption_tokens = manifest["layout"]["max_caption_tokens"]
+    model, tokenizer, layout = build_captioner(cfg, task)
+    if model.lm.target_names != manifest["targets"]:
+        raise PluginError(f"{plugin_dir}: the placement {cfg.adaptor.targets!r} no longer selects the layers it was "
+                          f"trained on (e.g. {manifest['targets'][:2]}); was the base LM changed?")
+    if weights_fingerprint(_frozen_lm(model.lm)) != manifest["base_lm_fingerprint"]:
+        raise PluginError(f"{plugin_dir} was trained on another base LM than {cfg.model.lm!r} (fingerprints differ)")
+    if model.encoder.fingerprint() != manifest["vision"]["fingerprint"]:
+        raise PluginError(f"{plugin_dir} was trained with other {cfg.model.vision} weights (fingerprints differ)")
+    own = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(own))
+    if missing:
+        raise PluginError(f"{plugin_dir}: tensors {missing[:3]} have no place in the rebuilt model")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+    return model.eval(), tokenizer, CaptionLayout(**{"num_image_tokens": layout.num_image_tokens,
+                                                     **manifest["layout"]}), task, manifest

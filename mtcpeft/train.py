@@ -1,0 +1,221 @@
+"""One readable training loop on accelerate (DDP, DeepSpeed ZeRO via the accelerate config, mixed precision).
+
+``fit`` trains whatever trainable parameters the model has (adaptors, projector) on batches the model takes as
+keyword arguments (``model(**batch).loss``), evaluates validation perplexity after each epoch, keeps the best
+epoch, and writes checkpoints atomically (every ``save_every_steps`` optimizer steps and at each epoch end) that
+``resume`` continues from exactly where they stopped: same parameters, optimizer, RNG and data order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .io import write_json
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint carries besides tensors (``trainer_state.json``)."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    step_in_epoch: int = 0  # batches of that epoch already consumed
+    global_step: int = 0  # optimizer steps taken
+    best_val_ppl: float | None = None
+    best_epoch: int | None = None
+    history: list[dict] = field(default_factory=list)  # one row per evaluated epoch
+
+
+def make_accelerator(train_cfg, output_dir: str, log: bool = True) -> Accelerator:
+    """gloo when there is no GPU (DeepSpeed's default nccl would fail); seedable sampler for exact resume."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch / torchrun
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    return Accelerator(
+        gradient_accumulation_steps=train_cfg.grad_accum,
+        mixed_precision=train_cfg.mixed_precision,
+        log_with="tensorboard" if log else None,
+        project_dir=output_dir,
+        kwargs_handlers=handlers,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Owns the accelerator, the prepared model/optimizer/loaders and the :class:`TrainState`."""
+
+    def __init__(self, cfg, model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | None,
+                 collate: Callable | None = None, accelerator: Accelerator | None = None,
+                 on_best: Callable[["Trainer"], None] | None = None):
+        self.cfg, self.tc = cfg, cfg.train
+        self.out = Path(cfg.output_dir)
+        self.acc = accelerator or make_accelerator(self.tc, str(self.out))
+        set_seed(cfg.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters: choose an adaptor (or 'full') or a projector")
+        self.num_trainable = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=self.tc.lr, betas=tuple(self.tc.betas), weight_decay=self.tc.weight_decay)
+        g = torch.Generator().manual_seed(cfg.seed)
+        train_dl = DataLoader(train_ds, batch_size=self.tc.batch_size, shuffle=True, collate_fn=collate,
+                              generator=g, drop_last=False, num_workers=cfg.data.num_workers)
+        val_dl = (DataLoader(val_ds, batch_size=self.tc.batch_size, collate_fn=collate,
+                             num_workers=cfg.data.num_workers) if val_ds is not None else None)
+        self.model, self.opt, self.train_dl = self.acc.prepare(model, opt, train_dl)
+        self.val_dl = self.acc.prepare(val_dl) if val_dl is not None else None
+        self.state = TrainState()
+        self.on_best = on_best
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        # checkpoints hold the trainable tensors only, not a copy of the frozen LM
+        self.acc.register_save_state_pre_hook(lambda models, weights, _dir: _keep_trainable(weights, trainable))
+
+    # --------------------------------------------------------------------------------------------- loop
+    def fit(self) -> TrainState:
+        if self.tc.resume:
+            self.resume()  # replaces self.state
+        acc, tc, st = self.acc, self.tc, self.state
+        acc.init_trackers("tb", config=_flat(self.cfg))
+        acc.print(f"trainable parameters: {self.num_trainable:,}  |  processes: {acc.num_processes} "
+                  f"({acc.distributed_type})  |  output: {self.out}")
+        steps_per_epoch = math.ceil(len(self.train_dl) / tc.grad_accum)
+        total = tc.max_steps or steps_per_epoch * tc.epochs
+        bar = tqdm(total=total, initial=st.global_step, disable=not acc.is_main_process, desc="train", unit="step")
+        tokens, t0 = 0, time.perf_counter()
+        done = st.global_step >= total
+        while st.epoch < tc.epochs and not done:
+            self.train_dl.set_epoch(st.epoch)
+            loader = acc.skip_first_batches(self.train_dl, st.step_in_epoch) if st.step_in_epoch else self.train_dl
+            self.model.train()
+            for batch in loader:
+                with acc.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    acc.backward(loss)
+                    if tc.max_grad_norm and acc.sync_gradients:
+                        acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+                    self.opt.step()
+                    self.opt.zero_grad()
+                st.step_in_epoch += 1
+                tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+                if not acc.sync_gradients:
+                    continue
+                st.global_step += 1
+                bar.update(1)
+                if st.global_step % tc.log_every == 0 or st.global_step == 1:
+                    rate = tokens / (time.perf_counter() - t0)
+                    acc.log({"train/loss": loss.item(), "train/tokens_per_s": rate,
+                             "train/peak_mem_mb": peak_memory_mb()}, step=st.global_step)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
+                if tc.save_every_steps and st.global_step % tc.save_every_steps == 0:
+                    self.save_checkpoint()
+                if tc.max_steps and st.global_step >= tc.max_steps:
+                    done = True
+                    break
+            if st.step_in_epoch >= len(self.train_dl):
+                self.end_epoch()
+            elif done:  # max_steps reached mid-epoch: keep a checkpoint to continue from
+                self.save_checkpoint()
+        bar.close()
+        acc.end_training()
+        return st
+
+    def end_epoch(self) -> None:
+        st = self.state
+        row = {"epoch": st.epoch + 1, "step": st.global_step}
+        if self.val_dl is not None and (st.epoch + 1) % self.tc.eval_every_epochs == 0:
+            row.update(self.evaluate())
+            self.acc.log({"val/loss": row["val_loss"], "val/ppl": row["val_ppl"]}, step=st.global_step)
+            self.acc.print(f"epoch {st.epoch + 1}: val perplexity {row['val_ppl']:.3f}")
+            if st.best_val_ppl is None or row["val_ppl"] < st.best_val_ppl:
+                st.best_val_ppl, st.best_epoch = row["val_ppl"], st.epoch + 1
+                if self.on_best is not None:
+                    self.on_best(self)
+        st.history.append(row)
+        st.epoch, st.step_in_epoch = st.epoch + 1, 0
+        self.save_checkpoint()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Perplexity = exp(mean NLL over every label token of the validation set), gathered over processes."""
+        self.model.eval()
+        nll, count = torch.zeros((), dtype=torch.float64), 0
+        for batch in tqdm(self.val_dl, desc="val", leave=False, disable=not self.acc.is_main_process):
+            logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            per_ex, n = token_nll(logits, batch["labels"])
+            per_ex, n = self.acc.gather_for_metrics((per_ex, n))
+            nll += per_ex.double().sum().cpu()
+            count += int(n.sum())
+        self.model.train()
+        mean = float(nll) / max(count, 1)
+        return {"val_loss": mean, "val_ppl": math.exp(mean), "val_tokens": count}
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.tmp`` completely, then swap it for ``checkpoint``: a crash leaves the old one."""
+        acc, final = self.acc, self.out / CHECKPOINT
+        tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            write_json(asdict(self.state), tmp / "trainer_state.json")
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def resume(self) -> None:
+        ckpt = self.out / CHECKPOINT
+        if not (ckpt / "trainer_state.json").is_file():
+            self.acc.print(f"no checkpoint in {ckpt}: starting from scratch")
+            return
+        self.acc.load_state(str(ckpt), strict=False)
+        self.state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        self.acc.print(f"resumed from {ckpt}: epoch {self.state.epoch + 1}, step {self.state.global_step}")
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed next-token NLL and label-token counts: (B,), (B,). logits (B, S, V), labels (B, S)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=ignore, reduction="none")
+    return nll.sum(1), (labels != ignore).sum(1)
+
+
+def _keep_trainable(weights: list[dict], trainable: set[str]) -> None:
+    for w in weights:
+        for k in [k for k in w if k not in trainable]:
+            del w[k]
+
+
+def _flat(cfg, prefix: str = "") -> dict:
+    """Nested dataclass config -> flat {"train.lr": 1e-4} of scalars (tensorboard hparams)."""
+    out = {}
+    for k, v in (asdict(cfg) if not isinstance(cfg, dict) else cfg).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
