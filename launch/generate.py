@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.build import load_captioner  # noqa: E402
 from mtcpeft.data.dataset import open_image  # noqa: E402
 from mtcpeft.models.vision import image_transform  # noqa: E402
@@ -54,4 +55,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

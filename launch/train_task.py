@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.build import build_captioner, build_image_datasets, captioner_plugin  # noqa: E402
 from mtcpeft.config import load_config, save_config  # noqa: E402
 from mtcpeft.io import write_json  # noqa: E402
@@ -72,4 +73,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

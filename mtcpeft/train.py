@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .io import write_json
+from .losses import token_nll
 
 CHECKPOINT = "checkpoint"
 
@@ -40,8 +41,24 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one row per evaluated epoch
 
 
+def configure_cpu_threads() -> int:
+    """Give each process its share of the cores when there is no GPU.
+
+    ``accelerate launch`` without ``--cpu`` sets OMP_NUM_THREADS=1, which makes a single CPU process train about
+    1.7x slower here; several processes on few cores need a share each or they oversubscribe (OpenMP).
+    ``MTCPEFT_THREADS`` overrides the choice.
+    """
+    if torch.cuda.is_available():
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    threads = int(os.environ.get("MTCPEFT_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def make_accelerator(train_cfg, output_dir: str, log: bool = True) -> Accelerator:
     """gloo when there is no GPU (DeepSpeed's default nccl would fail); seedable sampler for exact resume."""
+    configure_cpu_threads()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch / torchrun
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     return Accelerator(
@@ -95,7 +112,12 @@ class Trainer:
         acc, tc, st = self.acc, self.tc, self.state
         acc.init_trackers("tb", config=_flat(self.cfg))
         acc.print(f"trainable parameters: {self.num_trainable:,}  |  processes: {acc.num_processes} "
-                  f"({acc.distributed_type})  |  output: {self.out}")
+                  f"({acc.distributed_type}), {torch.get_num_threads()} threads each  |  output: {self.out}")
+        if self.val_dl is not None and not st.history:  # where validation starts, before any update
+            row = {"epoch": 0, "step": 0, **self.evaluate()}
+            st.history.append(row)
+            acc.log({"val/loss": row["val_loss"], "val/ppl": row["val_ppl"]}, step=0)
+            acc.print(f"before training: val perplexity {row['val_ppl']:.3f}")
         steps_per_epoch = math.ceil(len(self.train_dl) / tc.grad_accum)
         total = tc.max_steps or steps_per_epoch * tc.epochs
         bar = tqdm(total=total, initial=st.global_step, disable=not acc.is_main_process, desc="train", unit="step")
@@ -158,7 +180,7 @@ class Trainer:
         self.model.eval()
         nll, count = torch.zeros((), dtype=torch.float64), 0
         for batch in tqdm(self.val_dl, desc="val", leave=False, disable=not self.acc.is_main_process):
-            logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            logits = self.model(**batch).logits  # may cover only the last positions (see losses.token_nll)
             per_ex, n = token_nll(logits, batch["labels"])
             per_ex, n = self.acc.gather_for_metrics((per_ex, n))
             nll += per_ex.double().sum().cpu()
@@ -192,13 +214,6 @@ class Trainer:
         self.acc.load_state(str(ckpt), strict=False)
         self.state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
         self.acc.print(f"resumed from {ckpt}: epoch {self.state.epoch + 1}, step {self.state.global_step}")
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example summed next-token NLL and label-token counts: (B,), (B,). logits (B, S, V), labels (B, S)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=ignore, reduction="none")
-    return nll.sum(1), (labels != ignore).sum(1)
 
 
 def _keep_trainable(weights: list[dict], trainable: set[str]) -> None:

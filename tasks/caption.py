@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from mtcpeft.data.coco import read_coco_captions, read_karpathy
 from mtcpeft.data.easyvqa import easyvqa_captions
+from mtcpeft.losses import IGNORE  # label of positions that take no loss
 
 from .base import Task, register_task
 
-IGNORE = -100  # label of positions that take no loss (Hugging Face convention)
 
 
 @dataclass(frozen=True)

@@ -198,3 +198,22 @@ def test_presets_wrap_the_expected_layers(family):
     assert len(m.target_names) == 2 * expected[1]
     roles = {n.rsplit(".", 1)[-1]: layer.role for n, layer in m.context_layers()}
     assert set(roles.values()) == {"out", "in"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_autocast_matches_fp32_loosely(kind):
+    """Mixed precision (accelerate's bf16 on CPU) runs the grouped path in bf16 and stays near fp32."""
+    m = build("llama", kind).train()
+    ids, ctx = batch()
+    ref = m(ids, context_ids=ctx, labels=ids)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in trainable(m).items()}
+    m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids, context_ids=ctx, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype in (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(out.loss.float(), ref.loss, atol=0.05, rtol=0.02)
+    for n, p in trainable(m).items():
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten().float(), ref_grads[n].flatten(), dim=0)
+        assert p.grad.dtype == torch.float32 and cos > 0.98, n

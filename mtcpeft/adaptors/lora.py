@@ -150,7 +150,10 @@ class ContextLoRALayer(ContextLayer):
         # y and x go in unflattened: an in-place Function on a *view* of y would make autograd wrap it in
         # CopySlices, which copies and clones the full (N, D) gradient in backward
         y = y if y.is_contiguous() else y.contiguous()  # updated in place through a flat view
-        return _GroupedLoRA.apply(y, xd, A, B, plan.perm, plan.counts, self.scale)
+        # under autocast y comes out in the low-precision dtype: run the grouped matmuls in y's dtype, explicitly
+        dt = y.dtype
+        with torch.autocast(y.device.type, enabled=False):
+            return _GroupedLoRA.apply(y, xd.to(dt), A.to(dt), B.to(dt), plan.perm, plan.counts, self.scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.lora_A.shape[1]}, scale={self.scale:g}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..losses import mean_token_nll, positions_to_keep
 from ..model import ContextModel
 
 
@@ -48,9 +49,15 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids, context_ids, image_mask=None, attention_mask=None, labels=None,
                 pixel_values=None, image_features=None, **kwargs):
+        """With ``labels``: ``.loss`` is the mean NLL of the label tokens, and ``.logits`` cover only the positions
+        from the one before the first label on (the LM head over 49k words is skipped for image tokens)."""
         embeds = self.embed(input_ids, image_mask, pixel_values, image_features)
-        return self.lm(inputs_embeds=embeds, context_ids=context_ids, attention_mask=attention_mask,
-                       labels=labels, **kwargs)
+        if labels is not None:
+            kwargs.setdefault("logits_to_keep", positions_to_keep(labels))
+        out = self.lm(inputs_embeds=embeds, context_ids=context_ids, attention_mask=attention_mask, **kwargs)
+        if labels is not None:
+            out.loss = mean_token_nll(out.logits, labels)
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids, context_ids, image_mask=None, attention_mask=None, pixel_values=None,
