@@ -3,8 +3,13 @@
     python launch/count_params.py --model smollm2 --adaptor lora --rank 64 --targets AF --contexts image,text
     python launch/count_params.py --model smollm2 --adaptor lora --rank 64 --context-agnostic --json
     python launch/count_params.py --model path/to/config.json --adaptor ia3 --targets AF --random-init
+    python launch/count_params.py --table --model paper-llm
 
-``--model`` takes what :func:`mtcpeft.models.load_lm` takes (hub id, folder, .gguf, ``smollm2``, config.json).
+``--model`` takes what :func:`mtcpeft.models.load_lm` takes (hub id, folder, .gguf, ``smollm2``, config.json),
+or ``paper-llm``: the Context-PEFT paper's own LLM built from its configuration (it has no public weights).
+``--table`` prints one markdown table instead: IA3, BitFit, LoRA-1/8/64 in the ``--targets`` placement,
+context-agnostic and context-specific (``--contexts``), and full fine-tuning, each with its percent of the LM's
+parameters; it always builds on the meta device (instant).
 ``--random-init`` builds the model from its configuration on the meta device (instant, no weights read); the
 count is the same as with the real weights. Also runs under ``accelerate launch``.
 """
@@ -23,13 +28,14 @@ except ImportError:  # a fresh clone: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtcpeft.adaptors import ADAPTORS, adaptor_config
+from mtcpeft.inject import TargetError
 from mtcpeft.models import LMNotFoundError
-from mtcpeft.params import AGNOSTIC, count_for
+from mtcpeft.params import AGNOSTIC, build_lm, count_for, markdown_table, param_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="hub id, folder, .gguf, 'smollm2' or config.json")
+    p.add_argument("--model", default="smollm2", help="hub id, folder, .gguf, 'smollm2', 'paper-llm' or config.json")
     p.add_argument("--adaptor", default="lora", choices=ADAPTORS.names(), help="adaptor kind")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the LoRA config's)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
@@ -38,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context-agnostic", action="store_true", help="one shared group (ignores --contexts)")
     p.add_argument("--random-init", action="store_true", help="build from the config on the meta device")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--table", action="store_true",
+                   help="markdown table of IA3, BitFit, LoRA-1/8/64 and full fine-tuning (ignores --adaptor/--rank)")
     return p.parse_args(argv)
 
 
@@ -52,8 +60,37 @@ def adaptor_options(args: argparse.Namespace) -> dict:
     return given
 
 
+def table(args: argparse.Namespace) -> dict:
+    """--table: every compared method on fresh meta-device copies of the LM."""
+    contexts = [c.strip() for c in args.contexts.split(",") if c.strip()]
+    if len(contexts) < 2:
+        raise SystemExit(f"error: the context-specific column needs two contexts or more, got {contexts}; "
+                         "pass --contexts a,b")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            rows = param_table(lambda: build_lm(args.model, random_init=True), contexts, args.targets)
+    except (LMNotFoundError, TargetError) as e:  # a wrong --model or --targets: the message names the fix
+        raise SystemExit(f"error: {e}") from None
+    result = {
+        "model": args.model,
+        "targets": args.targets,
+        "contexts": contexts,
+        "total_lm": rows[0].agnostic.total_lm,
+        "rows": [
+            {"method": r.method, "agnostic": r.agnostic.trainable, "specific": r.specific.trainable,
+             "agnostic_percent": round(r.agnostic.percent, 4), "specific_percent": round(r.specific.percent, 4)}
+            for r in rows
+        ],
+    }
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result) if args.json else markdown_table(rows, contexts))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.table:
+        return table(args)
     config = adaptor_config(args.adaptor, **adaptor_options(args))
     contexts = [AGNOSTIC] if args.context_agnostic else [c.strip() for c in args.contexts.split(",") if c.strip()]
     try:

@@ -58,6 +58,15 @@ PRESETS: dict[str, Preset] = {
         ia3_attention=(IA3Target("self_attn.k_proj", "out"), IA3Target("self_attn.v_proj", "out")),
         ia3_feedforward=(IA3Target("fc2", "in"),),
     ),
+    # the Context-PEFT paper's LLM (mtcpeft/models/paper_llm.py, MODEL_TYPE): SwiGLU with ONE fused gate|up
+    # projection mlp.up_proj (768 -> 6144), so "F" is up_proj + down_proj; IA3 scales the FFN intermediate at
+    # down_proj's input (after silu(gate) * up)
+    "context_peft_llm": Preset(
+        attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        feedforward=("mlp.up_proj", "mlp.down_proj"),
+        ia3_attention=(IA3Target("self_attn.k_proj", "out"), IA3Target("self_attn.v_proj", "out")),
+        ia3_feedforward=(IA3Target("mlp.down_proj", "in"),),
+    ),
 }
 PLACEMENTS = ("A", "F", "AF")
 

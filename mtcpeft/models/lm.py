@@ -300,6 +300,10 @@ def load_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    from . import paper_llm  # registers the paper's architecture with the Auto classes (saved folders load too)
+
+    if os.fspath(name_or_path).lower() == "paper-llm":  # the paper's LLM: no public weights, random init
+        return paper_llm.build_paper_llm(dtype=dtype, device=device)
     meta = device is not None and torch.device(device).type == "meta"
     src = resolve_lm(name_or_path)
     if random_init or meta or src.kind == "config":
