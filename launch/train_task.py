@@ -1,6 +1,7 @@
 """Train one task's context adaptors (and projector) and leave a plugin behind.
 
     accelerate launch launch/train_task.py --task caption                  # the offline default config
+    accelerate launch launch/train_task.py --task qa                       # configs/qa_offline.yaml
     python launch/train_task.py --task caption --config configs/paper/swin_tiny_lora.yaml adaptor.rank=8
     accelerate launch launch/train_task.py --task caption train.resume=true   # continue an interrupted run
 
@@ -19,7 +20,7 @@ if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.build import build_captioner, build_image_datasets, captioner_plugin  # noqa: E402
+from mtcpeft.build import build_task_model, build_datasets, task_plugin  # noqa: E402
 from mtcpeft.config import load_config, save_config  # noqa: E402
 from mtcpeft.io import write_json  # noqa: E402
 from mtcpeft.train import Trainer, make_accelerator  # noqa: E402
@@ -40,13 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
     task = get_task(args.task)
     cfg = load_config(args.config or default_config(args.task), args.overrides)
     cfg.task = task.name
-    if not task.uses_images:
-        raise SystemExit(f"task {task.name!r} is not an image task; its trainer lands with the text/VQA tasks")
 
     acc = make_accelerator(cfg.train, cfg.output_dir)
-    model, tokenizer, layout = build_captioner(cfg, task)
+    model, tokenizer, layout = build_task_model(cfg, task)
     with acc.main_process_first():
-        data = build_image_datasets(cfg, task, model, tokenizer, layout, progress=acc.is_local_main_process)
+        data = build_datasets(cfg, task, model, tokenizer, layout, progress=acc.is_local_main_process)
     for split, (_, report) in data.items():
         acc.print(report.summary(split))
     out = Path(cfg.output_dir)
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     def save_best(trainer: Trainer) -> None:
         state = trainer.acc.get_state_dict(trainer.model)  # gathers ZeRO-3 shards; every rank must call it
         if trainer.acc.is_main_process:
-            captioner_plugin(trainer.acc.unwrap_model(trainer.model), cfg, task, out / "plugin", state)
+            task_plugin(trainer.acc.unwrap_model(trainer.model), cfg, task, out / "plugin", state)
 
     trainer = Trainer(cfg, model, data["train"][0], data["val"][0], accelerator=acc, on_best=save_best)
     state = trainer.fit()

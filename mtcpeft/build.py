@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tasks.base import EmptyTargetError
+
 from .adaptors import adaptor_config
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .contexts import ContextVocab
 from .data.dataset import DataReport, EncodedDataset, check_images, open_image
 from .model import ContextModel
@@ -29,6 +31,8 @@ def set_residual_dropout(lm: nn.Module, p: float) -> None:
         for name, m in lm.named_modules():
             if isinstance(m, nn.Dropout) and name.endswith(("resid_dropout", "mlp.dropout")):
                 m.p = p
+    elif mtype == "context_peft_llm":  # the paper's LLM reads it on every forward
+        lm.config.residual_dropout = p
     elif mtype == "opt":
         lm.config.dropout = p
         for m in lm.modules():
@@ -38,8 +42,9 @@ def set_residual_dropout(lm: nn.Module, p: float) -> None:
         raise ValueError(f"{mtype} models have no residual dropout to set; leave model.residual_dropout null")
 
 
-def build_context_lm(cfg: RunConfig, task, lm: nn.Module | None = None) -> ContextModel:
-    """The LM with the configured adaptor injected ("full" = no adaptor, every LM weight trainable)."""
+def build_context_lm(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: ContextVocab | None = None) -> ContextModel:
+    """The LM with the configured adaptor injected ("full" = no adaptor, every LM weight trainable). ``vocab``
+    replaces the task's contexts (a unified plugin's groups); generated tokens then name their context per call."""
     spec = cfg.adaptor
     lm = lm if lm is not None else load_lm(cfg.model.lm)
     if cfg.model.residual_dropout is not None:
@@ -48,11 +53,15 @@ def build_context_lm(cfg: RunConfig, task, lm: nn.Module | None = None) -> Conte
     opts = {"rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout} if kind == "lora" else {}
     contexts = ContextVocab((SHARED,)) if spec.context_agnostic else task.vocab
     gen = SHARED if spec.context_agnostic else task.generated_context
+    if vocab is not None:
+        contexts, gen = vocab, None
     targets = spec.targets if spec.targets.upper() in ("A", "F", "AF") else spec.targets.split(",")
     model = ContextModel(lm, contexts, adaptor_config(kind, **opts), targets, generated_context=gen)
     if spec.kind == "full":
         for p in lm.parameters():
             p.requires_grad_(True)
+        if hasattr(lm, "freeze_input_embeddings"):  # the paper's LLM keeps its input embeddings frozen
+            lm.freeze_input_embeddings()
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -65,66 +74,78 @@ def context_map(cfg: RunConfig, task) -> torch.Tensor | None:
     return task.vocab.remap_table(ContextVocab((SHARED,)), {c: SHARED for c in task.contexts})
 
 
-def build_captioner(cfg: RunConfig, task, lm: nn.Module | None = None):
-    """(VisionLanguageModel, tokenizer, CaptionLayout) for an image task."""
-    from tasks.caption import CaptionLayout
+def build_task_model(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: ContextVocab | None = None,
+                     images: bool | None = None):
+    """(VisionLanguageModel, tokenizer, SequenceLayout) for ``task``; text-only tasks get no encoder/projector.
+    ``vocab`` / ``images`` override the task's contexts and its need for images (a unified multi-task model)."""
+    from tasks.base import SequenceLayout
 
-    encoder = build_vision_encoder(cfg.model.vision, cfg.model.vision_pretrained, cfg.model.image_size)
-    ctx_lm = build_context_lm(cfg, task, lm)
-    width = ctx_lm.model.get_input_embeddings().embedding_dim
-    projector = Projector(encoder.dim, width, cfg.model.projector, cfg.model.projector_dropout)
-    layout = CaptionLayout(encoder.num_tokens, cfg.data.seq_len, cfg.data.max_caption_tokens)
+    ctx_lm = build_context_lm(cfg, task, lm, vocab)
+    encoder = projector = None
+    if task.uses_images if images is None else images:
+        encoder = build_vision_encoder(cfg.model.vision, cfg.model.vision_pretrained, cfg.model.image_size)
+        width = ctx_lm.model.get_input_embeddings().embedding_dim
+        projector = Projector(encoder.dim, width, cfg.model.projector, cfg.model.projector_dropout)
+    layout = SequenceLayout(encoder.num_tokens if encoder else 0, cfg.data.seq_len, cfg.data.max_target_tokens)
     return VisionLanguageModel(ctx_lm, projector, encoder), load_tokenizer(cfg.model.lm), layout
 
 
-def build_image_datasets(cfg: RunConfig, task, model: VisionLanguageModel, tokenizer, layout, splits=("train", "val"),
-                         progress: bool = True) -> dict[str, tuple[EncodedDataset, DataReport]]:
+def read_examples(cfg: RunConfig, task, split: str) -> list[dict]:
+    """A split's examples, after checking the task reads ``data.source`` and applying the split's limit."""
+    if cfg.data.source not in task.sources:
+        raise ConfigError(f"task {task.name!r} reads data.source {' | '.join(task.sources)}, not "
+                         f"{cfg.data.source!r}; set data.source=... (configs/{task.name}_offline.yaml is a start)")
+    limit = {"train": cfg.data.train_limit, "val": cfg.data.val_limit}.get(split)
+    return task.examples(split, cfg.data)[:limit]
+
+
+def build_datasets(cfg: RunConfig, task, model: VisionLanguageModel, tokenizer, layout, splits=("train", "val"),
+                   progress: bool = True, routes: torch.Tensor | None = None) -> dict[str, tuple[EncodedDataset, DataReport]]:
     """Read, check, encode every split; images become cached features (encoder run once) unless training-time
-    augmentation needs the pixels."""
+    augmentation needs the pixels. ``routes`` maps the task's context ids to the model's groups (index id + 1;
+    default: identity, or the shared group of a context-agnostic model)."""
     out = {}
-    limits = {"train": cfg.data.train_limit, "val": cfg.data.val_limit}
     for split in splits:
-        examples = task.examples(split, cfg.data)[: limits.get(split)]
+        examples = read_examples(cfg, task, split)
         report = DataReport(examples=len(examples))
-        bad = check_images([e["image"] for e in examples], cfg.data.on_bad_image, progress)
+        bad = check_images([e["image"] for e in examples], cfg.data.on_bad_image, progress) if task.uses_images else set()
         report.bad_images = sorted(bad)
         items, keep = [], []
         for e in examples:
-            if e["image"] in bad:
+            if task.uses_images and e["image"] in bad:
                 continue
             try:
                 enc = task.encode(e, tokenizer, layout)
-            except ValueError:  # empty caption
-                report.empty_captions += 1
+            except EmptyTargetError:
+                report.empty_targets += 1
                 continue
             report.truncated += enc.pop("truncated", False)
             items.append(enc)
             keep.append(e)
         report.kept = len(items)
-        augment = cfg.data.augment and split == "train"
-        if cfg.data.cache_features and not augment:
-            paths = sorted({e["image"] for e in keep})
-            cache = Path(cfg.output_dir) / "features" / f"{split}.safetensors"  # reused on resume
-            feats = cached_features(cache, model.encoder, {p: p for p in paths}, progress=progress)
-            image_fn = _cached(feats, [e["image"] for e in keep])
-        else:
-            image_fn = _pixels(image_transform(model.encoder, train=split == "train", augment=augment),
-                               [e["image"] for e in keep])
-        out[split] = (EncodedDataset(items, image_fn, context_map(cfg, task)), report)
+        out[split] = (EncodedDataset(items, image_input(cfg, model, keep, split, progress) if task.uses_images else None,
+                                     routes if routes is not None else context_map(cfg, task)), report)
     return out
 
 
-def _cached(feats: dict, paths: list[str]):
-    return lambda i: {"image_features": feats[paths[i]].float()}
-
-
-def _pixels(transform, paths: list[str]):
+def image_input(cfg: RunConfig, model: VisionLanguageModel, examples: list[dict], split: str, progress: bool = True,
+                cache_name: str | None = None):
+    """index -> {"image_features"} from a feature cache (encoder run once), or {"pixel_values"} when training-time
+    augmentation needs the pixels."""
+    augment = cfg.data.augment and split == "train"
+    paths = [e["image"] for e in examples]
+    if cfg.data.cache_features and not augment:
+        name = cache_name or (split if cfg.task == "caption" else f"{cfg.task}_{split}")
+        cache = Path(cfg.output_dir) / "features" / f"{name}.safetensors"  # reused on resume
+        feats = cached_features(cache, model.encoder, {p: p for p in sorted(set(paths))}, progress=progress)
+        return lambda i: {"image_features": feats[paths[i]].float()}
+    transform = image_transform(model.encoder, train=split == "train", augment=augment)
     return lambda i: {"pixel_values": transform(open_image(paths[i]))}
 
 
 # ------------------------------------------------------------------------------------------------ plugins
-def captioner_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str | Path,
-                     state: dict[str, torch.Tensor] | None = None) -> Path:
+def task_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str | Path,
+                state: dict[str, torch.Tensor] | None = None) -> Path:
     """Save adaptor + projector (or the whole LM for "full") with a manifest that can rebuild the model."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = state if state is not None else dict(model.named_parameters())
@@ -140,12 +161,15 @@ def captioner_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: 
         "targets": ctx_lm.target_names,
         "base_lm": cfg.model.lm,
         "base_lm_fingerprint": weights_fingerprint(_frozen_lm(ctx_lm)),
-        "vision": {"name": cfg.model.vision, "pretrained": cfg.model.vision_pretrained,
-                   "image_size": model.encoder.image_size, "fingerprint": model.encoder.fingerprint()},
-        "projector": {"kind": cfg.model.projector, "in_dim": model.encoder.dim,
-                      "out_dim": ctx_lm.model.get_input_embeddings().embedding_dim},
-        "layout": {"seq_len": cfg.data.seq_len, "max_caption_tokens": cfg.data.max_caption_tokens},
+        "vision": None,
+        "projector": None,
+        "layout": {"seq_len": cfg.data.seq_len, "max_target_tokens": cfg.data.max_target_tokens},
     }
+    if model.encoder is not None:
+        manifest["vision"] = {"name": cfg.model.vision, "pretrained": cfg.model.vision_pretrained,
+                              "image_size": model.encoder.image_size, "fingerprint": model.encoder.fingerprint()}
+        manifest["projector"] = {"kind": cfg.model.projector, "in_dim": model.encoder.dim,
+                                 "out_dim": ctx_lm.model.get_input_embeddings().embedding_dim}
     return save_plugin(out_dir, manifest, tensors)
 
 
@@ -154,21 +178,17 @@ def _frozen_lm(ctx_lm: ContextModel) -> nn.Module:
     return ctx_lm.model.get_input_embeddings()
 
 
-def load_captioner(plugin_dir: str | Path, lm: str | None = None):
-    """Rebuild (model, tokenizer, layout, task, manifest) from a captioning plugin; checks the base LM."""
-    from tasks import get_task
-    from tasks.caption import CaptionLayout
-
+def config_from_manifest(manifest: dict, lm: str | None = None) -> RunConfig:
+    """A RunConfig that rebuilds the model a plugin was trained as (base LM, encoder, adaptor, layout)."""
     from .config import RunConfig
 
-    manifest, tensors = load_plugin(plugin_dir)
-    task = get_task(manifest["task"])
-    cfg = RunConfig()
+    cfg = RunConfig(task=manifest["task"])
     cfg.model.lm = lm or manifest["base_lm"]
-    cfg.model.vision = manifest["vision"]["name"]
-    cfg.model.vision_pretrained = manifest["vision"]["pretrained"]
-    cfg.model.image_size = manifest["vision"]["image_size"]
-    cfg.model.projector = manifest["projector"]["kind"]
+    if manifest.get("vision"):
+        cfg.model.vision = manifest["vision"]["name"]
+        cfg.model.vision_pretrained = manifest["vision"]["pretrained"]
+        cfg.model.image_size = manifest["vision"]["image_size"]
+        cfg.model.projector = manifest["projector"]["kind"]
     adaptor = dict(manifest["adaptor"])
     kind, full = adaptor.pop("kind"), adaptor.pop("full_finetune", False)
     cfg.adaptor.kind = "full" if full else kind
@@ -177,14 +197,24 @@ def load_captioner(plugin_dir: str | Path, lm: str | None = None):
     cfg.adaptor.context_agnostic = manifest["contexts"] == [SHARED]
     cfg.adaptor.targets = manifest["placement"]
     cfg.data.seq_len = manifest["layout"]["seq_len"]
-    cfg.data.max_caption_tokens = manifest["layout"]["max_caption_tokens"]
-    model, tokenizer, layout = build_captioner(cfg, task)
+    cfg.data.max_target_tokens = manifest["layout"]["max_target_tokens"]
+    return cfg
+
+
+def load_task_model(plugin_dir: str | Path, lm: str | None = None):
+    """Rebuild (model, tokenizer, layout, task, manifest) from a task plugin; checks base LM and encoder."""
+    from tasks import get_task
+
+    manifest, tensors = load_plugin(plugin_dir)
+    task = get_task(manifest["task"])
+    cfg = config_from_manifest(manifest, lm)
+    model, tokenizer, layout = build_task_model(cfg, task)
     if model.lm.target_names != manifest["targets"]:
         raise PluginError(f"{plugin_dir}: the placement {cfg.adaptor.targets!r} no longer selects the layers it was "
                           f"trained on (e.g. {manifest['targets'][:2]}); was the base LM changed?")
     if weights_fingerprint(_frozen_lm(model.lm)) != manifest["base_lm_fingerprint"]:
         raise PluginError(f"{plugin_dir} was trained on another base LM than {cfg.model.lm!r} (fingerprints differ)")
-    if model.encoder.fingerprint() != manifest["vision"]["fingerprint"]:
+    if model.encoder is not None and model.encoder.fingerprint() != manifest["vision"]["fingerprint"]:
         raise PluginError(f"{plugin_dir} was trained with other {cfg.model.vision} weights (fingerprints differ)")
     own = dict(model.named_parameters())
     missing = sorted(set(tensors) - set(own))
@@ -193,5 +223,4 @@ def load_captioner(plugin_dir: str | Path, lm: str | None = None):
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)
-    return model.eval(), tokenizer, CaptionLayout(**{"num_image_tokens": layout.num_image_tokens,
-                                                     **manifest["layout"]}), task, manifest
+    return model.eval(), tokenizer, layout, task, manifest

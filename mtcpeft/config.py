@@ -105,17 +105,29 @@ class AdaptorSpec:
         _check(bool(self.targets.strip()), "targets", 'must be "A", "F", "AF" or module-name patterns', self.targets)
 
 
+SOURCES = ("easyvqa", "coco", "karpathy", "squad", "vqa2")
+# files each source needs for training; "val_*" twins are needed for validation (easyvqa needs nothing)
+_SOURCE_KEYS = {"coco": ("annotations", "images"), "karpathy": ("karpathy_json", "images"),
+                "squad": ("annotations",), "vqa2": ("questions", "annotations", "images")}
+
+
 @dataclass
 class DataConfig:
-    """Where examples come from and how they are laid out."""
+    """Where examples come from and how they are laid out. Which sources a task reads: ``tasks/<task>.py``."""
 
-    source: str = "easyvqa"  # "easyvqa" (packaged, offline) | "coco" (official annotation JSON) | "karpathy"
-    annotations: str | None = None  # captions_train2017.json-style file (source coco)
-    val_annotations: str | None = None  # validation annotation file (source coco)
-    images: str | None = None  # image folder root (coco: the split folders; karpathy: holds train2014/, val2014/)
+    source: str = "easyvqa"  # easyvqa (packaged, offline) | coco | karpathy (captions) | squad (QA) | vqa2 (VQA)
+    annotations: str | None = None  # training annotations: COCO captions JSON | SQuAD JSON or a saved HF
+    #   `datasets` folder / JSON-lines of its rows | VQA v2 annotations JSON
+    val_annotations: str | None = None  # the same for validation
+    questions: str | None = None  # VQA v2 questions JSON (training)
+    val_questions: str | None = None  # VQA v2 questions JSON (validation)
+    images: str | None = None  # image folder (coco: the split folder; karpathy: holds train2014/, val2014/)
+    val_images: str | None = None  # validation image folder when it differs (coco, vqa2); None = images
+    image_pattern: str = "COCO_{split}_{image_id:012d}.jpg"  # VQA v2 image file name; {split}: the folder name
     karpathy_json: str | None = None  # dataset_coco.json of the Karpathy split (source karpathy)
+    drop_impossible: bool = True  # SQuAD v2.0: leave out unanswerable questions when training
     seq_len: int = 128  # tokens per example after padding
-    max_caption_tokens: int = 63  # caption tokens kept (the rest of seq_len is BOS, image tokens, EOS)
+    max_target_tokens: int = 63  # caption / answer tokens kept, counting [EOS]
     augment: bool = False  # random flip / crop / colour jitter on training images (disables feature caching)
     cache_features: bool = True  # encode each image once with the frozen encoder and reuse the features
     train_limit: int | None = None  # use only the first N training examples; None = all
@@ -124,14 +136,14 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
 
     def __post_init__(self):
-        _one_of("source", self.source, ("easyvqa", "coco", "karpathy"))
-        need = {"coco": ("annotations", "images"), "karpathy": ("karpathy_json", "images")}.get(self.source, ())
-        for key in need:
+        _one_of("source", self.source, SOURCES)
+        for key in _SOURCE_KEYS.get(self.source, ()):
             _check(getattr(self, key) is not None, key, f"must be set for source {self.source!r} "
                    f"(override it: data.{key}=PATH)", None)
-        _check(self.max_caption_tokens >= 1, "max_caption_tokens", "must be >= 1", self.max_caption_tokens)
-        _check(self.seq_len > self.max_caption_tokens, "seq_len",
-               f"must exceed max_caption_tokens ({self.max_caption_tokens})", self.seq_len)
+        _check(self.max_target_tokens >= 2, "max_target_tokens", "must be >= 2 (one token and [EOS])",
+               self.max_target_tokens)
+        _check(self.seq_len > self.max_target_tokens, "seq_len",
+               f"must exceed max_target_tokens ({self.max_target_tokens})", self.seq_len)
         _positive_or_none("train_limit", self.train_limit)
         _positive_or_none("val_limit", self.val_limit)
         _one_of("on_bad_image", self.on_bad_image, ("skip", "fail"))

@@ -80,9 +80,11 @@ def peak_memory_mb() -> float:
 class Trainer:
     """Owns the accelerator, the prepared model/optimizer/loaders and the :class:`TrainState`."""
 
-    def __init__(self, cfg, model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | None,
+    def __init__(self, cfg, model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | dict[str, Dataset] | None,
                  collate: Callable | None = None, accelerator: Accelerator | None = None,
                  on_best: Callable[["Trainer"], None] | None = None):
+        """``val_ds`` may be a dict {task: dataset}: each is evaluated on its own (``val/<task>/ppl``) and the
+        best epoch is chosen on the perplexity over all of their tokens."""
         self.cfg, self.tc = cfg, cfg.train
         self.out = Path(cfg.output_dir)
         self.acc = accelerator or make_accelerator(self.tc, str(self.out))
@@ -95,10 +97,11 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.seed)
         train_dl = DataLoader(train_ds, batch_size=self.tc.batch_size, shuffle=True, collate_fn=collate,
                               generator=g, drop_last=False, num_workers=cfg.data.num_workers)
-        val_dl = (DataLoader(val_ds, batch_size=self.tc.batch_size, collate_fn=collate,
-                             num_workers=cfg.data.num_workers) if val_ds is not None else None)
+        vals = {} if val_ds is None else dict(val_ds) if isinstance(val_ds, dict) else {"": val_ds}
         self.model, self.opt, self.train_dl = self.acc.prepare(model, opt, train_dl)
-        self.val_dl = self.acc.prepare(val_dl) if val_dl is not None else None
+        self.val_dls = {name: self.acc.prepare(DataLoader(ds, batch_size=self.tc.batch_size, collate_fn=collate,
+                                                          num_workers=cfg.data.num_workers))
+                        for name, ds in vals.items()}
         self.state = TrainState()
         self.on_best = on_best
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -113,10 +116,10 @@ class Trainer:
         acc.init_trackers("tb", config=_flat(self.cfg))
         acc.print(f"trainable parameters: {self.num_trainable:,}  |  processes: {acc.num_processes} "
                   f"({acc.distributed_type}), {torch.get_num_threads()} threads each  |  output: {self.out}")
-        if self.val_dl is not None and not st.history:  # where validation starts, before any update
+        if self.val_dls and not st.history:  # where validation starts, before any update
             row = {"epoch": 0, "step": 0, **self.evaluate()}
             st.history.append(row)
-            acc.log({"val/loss": row["val_loss"], "val/ppl": row["val_ppl"]}, step=0)
+            acc.log(_val_logs(row), step=0)
             acc.print(f"before training: val perplexity {row['val_ppl']:.3f}")
         steps_per_epoch = math.ceil(len(self.train_dl) / tc.grad_accum)
         total = tc.max_steps or steps_per_epoch * tc.epochs
@@ -162,9 +165,9 @@ class Trainer:
     def end_epoch(self) -> None:
         st = self.state
         row = {"epoch": st.epoch + 1, "step": st.global_step}
-        if self.val_dl is not None and (st.epoch + 1) % self.tc.eval_every_epochs == 0:
+        if self.val_dls and (st.epoch + 1) % self.tc.eval_every_epochs == 0:
             row.update(self.evaluate())
-            self.acc.log({"val/loss": row["val_loss"], "val/ppl": row["val_ppl"]}, step=st.global_step)
+            self.acc.log(_val_logs(row), step=st.global_step)
             self.acc.print(f"epoch {st.epoch + 1}: val perplexity {row['val_ppl']:.3f}")
             if st.best_val_ppl is None or row["val_ppl"] < st.best_val_ppl:
                 st.best_val_ppl, st.best_epoch = row["val_ppl"], st.epoch + 1
@@ -176,18 +179,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Perplexity = exp(mean NLL over every label token of the validation set), gathered over processes."""
+        """Perplexity = exp(mean NLL over every label token of the validation set), gathered over processes;
+        with several validation sets also ``val_ppl/<task>`` for each."""
         self.model.eval()
-        nll, count = torch.zeros((), dtype=torch.float64), 0
-        for batch in tqdm(self.val_dl, desc="val", leave=False, disable=not self.acc.is_main_process):
-            logits = self.model(**batch).logits  # may cover only the last positions (see losses.token_nll)
-            per_ex, n = token_nll(logits, batch["labels"])
-            per_ex, n = self.acc.gather_for_metrics((per_ex, n))
-            nll += per_ex.double().sum().cpu()
-            count += int(n.sum())
+        row, total, total_n = {}, 0.0, 0
+        for name, dl in self.val_dls.items():
+            nll, count = torch.zeros((), dtype=torch.float64), 0
+            for batch in tqdm(dl, desc=f"val {name}".strip(), leave=False, disable=not self.acc.is_main_process):
+                logits = self.model(**batch).logits  # may cover only the last positions (see losses.token_nll)
+                per_ex, n = token_nll(logits, batch["labels"])
+                per_ex, n = self.acc.gather_for_metrics((per_ex, n))
+                nll += per_ex.double().sum().cpu()
+                count += int(n.sum())
+            if name:
+                row[f"val_ppl/{name}"] = math.exp(float(nll) / max(count, 1))
+            total, total_n = total + float(nll), total_n + count
         self.model.train()
-        mean = float(nll) / max(count, 1)
-        return {"val_loss": mean, "val_ppl": math.exp(mean), "val_tokens": count}
+        mean = total / max(total_n, 1)
+        return {"val_loss": mean, "val_ppl": math.exp(mean), "val_tokens": total_n, **row}
 
     # -------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
@@ -214,6 +223,13 @@ class Trainer:
         self.acc.load_state(str(ckpt), strict=False)
         self.state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
         self.acc.print(f"resumed from {ckpt}: epoch {self.state.epoch + 1}, step {self.state.global_step}")
+
+
+def _val_logs(row: dict) -> dict:
+    """Tensorboard scalars of one validation row: val/loss, val/ppl and val/<task>/ppl."""
+    logs = {"val/loss": row["val_loss"], "val/ppl": row["val_ppl"]}
+    logs.update({f"val/{k.split('/', 1)[1]}/ppl": v for k, v in row.items() if k.startswith("val_ppl/")})
+    return logs
 
 
 def _keep_trainable(weights: list[dict], trainable: set[str]) -> None:

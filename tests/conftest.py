@@ -73,6 +73,6 @@ def tiny_overrides(lm_dir: str, out) -> list[str]:
     return [
         f"model.lm={lm_dir}", "model.vision=test_efficientnet", f"model.vision_pretrained={lm_dir}/encoder.safetensors",
         "model.image_size=64", "data.source=easyvqa", "data.train_limit=48", "data.val_limit=16", "data.seq_len=32",
-        "data.max_caption_tokens=20", "train.batch_size=8", "train.epochs=2", "train.lr=2e-2", "train.log_every=1",
+        "data.max_target_tokens=20", "train.batch_size=8", "train.epochs=2", "train.lr=2e-2", "train.log_every=1",
         f"output_dir={out}", "seed=0",
     ]

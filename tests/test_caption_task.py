@@ -10,7 +10,8 @@ from mtcpeft.data.coco import DataFormatError, read_coco_captions, read_karpathy
 from mtcpeft.data.dataset import BadImageError, check_images
 from mtcpeft.data.easyvqa import easyvqa_captions
 from tasks import get_task
-from tasks.caption import IGNORE, CaptionLayout
+from mtcpeft.losses import IGNORE
+from tasks.caption import CaptionLayout
 from tokenizer_fixture import make_tokenizer
 
 FIX = Path(__file__).parent / "fixtures"
@@ -54,7 +55,7 @@ def test_layout_rejects_budget_overflow():
 
 
 def test_empty_caption_is_refused(tok):
-    with pytest.raises(ValueError, match="empty caption"):
+    with pytest.raises(ValueError, match="empty caption target"):
         get_task("caption").encode({"image_id": 3, "caption": "   "}, tok, CaptionLayout(4, 16, 8))
 
 

@@ -189,7 +189,7 @@ def test_run_config_loads_and_validates(path):
     assert load_config(path, ["train.epochs=1"]).train.epochs == 1
     if path.parent.name == "paper":
         assert cfg.data.source == "karpathy" and cfg.model.lm == "facebook/opt-125m"
-        assert (cfg.data.seq_len, cfg.data.max_caption_tokens, cfg.train.batch_size) == (128, 63, 96)
+        assert (cfg.data.seq_len, cfg.data.max_target_tokens, cfg.train.batch_size) == (128, 63, 96)
         assert cfg.model.vision.startswith("swinv2_") and cfg.model.image_size == 256
         assert cfg.train.betas == (0.9, 0.95) and cfg.train.lr == 1e-4 and cfg.train.mixed_precision == "bf16"
         expected_kind = {"lora": "lora", "bitfit": "bitfit", "ia3": "ia3", "full": "full", "frozen": "none"}

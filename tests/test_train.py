@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtcpeft.build import build_captioner, build_image_datasets, captioner_plugin, load_captioner
+from mtcpeft.build import build_task_model, build_datasets, task_plugin, load_task_model
 from mtcpeft.config import RunConfig, load_config
 from mtcpeft.train import Trainer
 from conftest import tiny_overrides
@@ -19,8 +19,8 @@ def tiny_run_config(lm_dir: str, out: Path, *overrides: str) -> RunConfig:
 def run(cfg, on_best=None):
     task = get_task("caption")
     torch.manual_seed(cfg.seed)
-    model, tok, layout = build_captioner(cfg, task)
-    data = build_image_datasets(cfg, task, model, tok, layout, progress=False)
+    model, tok, layout = build_task_model(cfg, task)
+    data = build_datasets(cfg, task, model, tok, layout, progress=False)
     trainer = Trainer(cfg, model, data["train"][0], data["val"][0], on_best=on_best)
     return trainer, task
 
@@ -35,7 +35,7 @@ def test_few_steps_lower_validation_perplexity_and_leave_a_plugin(tiny_lm_dir, t
 
     def on_best(tr):
         saved.append(tr.state.best_epoch)
-        captioner_plugin(tr.acc.unwrap_model(tr.model), cfg, task, tmp_path / "run" / "plugin")
+        task_plugin(tr.acc.unwrap_model(tr.model), cfg, task, tmp_path / "run" / "plugin")
 
     trainer, task = run(cfg, on_best)
     state = trainer.fit()
@@ -52,10 +52,10 @@ def test_few_steps_lower_validation_perplexity_and_leave_a_plugin(tiny_lm_dir, t
     assert set(weights) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
 
     # the plugin rebuilds the same model: same validation perplexity
-    model, tok, layout, task, manifest = load_captioner(tmp_path / "run" / "plugin")
+    model, tok, layout, task, manifest = load_task_model(tmp_path / "run" / "plugin")
     assert manifest["contexts"] == ["image", "text"] and manifest["adaptor"]["kind"] == "lora"
     ref = trainer.acc.unwrap_model(trainer.model).eval()
-    batch = next(iter(torch.utils.data.DataLoader(trainer.val_dl.dataset, batch_size=4)))
+    batch = next(iter(torch.utils.data.DataLoader(trainer.val_dls[""].dataset, batch_size=4)))
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits)
 
@@ -80,14 +80,14 @@ def test_resume_after_interruption_reaches_the_same_parameters(tiny_lm_dir, tmp_
 def test_context_agnostic_and_full_finetune_variants(tiny_lm_dir, tmp_path):
     task = get_task("caption")
     cfg = tiny_run_config(tiny_lm_dir, tmp_path / "a", "adaptor.context_agnostic=true")
-    model, tok, layout = build_captioner(cfg, task)
+    model, tok, layout = build_task_model(cfg, task)
     assert model.lm.vocab.names == ("shared",)
-    ds = build_image_datasets(cfg, task, model, tok, layout, splits=("val",), progress=False)["val"][0]
+    ds = build_datasets(cfg, task, model, tok, layout, splits=("val",), progress=False)["val"][0]
     assert set(ds.tensors["context_ids"].unique().tolist()) == {-1, 0}
-    full = build_captioner(tiny_run_config(tiny_lm_dir, tmp_path / "f", "adaptor.kind=full"), task)[0]
+    full = build_task_model(tiny_run_config(tiny_lm_dir, tmp_path / "f", "adaptor.kind=full"), task)[0]
     n_lm = sum(p.numel() for p in full.lm.parameters())
     assert sum(p.numel() for p in full.lm.parameters() if p.requires_grad) == n_lm
-    frozen = build_captioner(tiny_run_config(tiny_lm_dir, tmp_path / "n", "adaptor.kind=none"), task)[0]
+    frozen = build_task_model(tiny_run_config(tiny_lm_dir, tmp_path / "n", "adaptor.kind=none"), task)[0]
     assert not any(p.requires_grad for p in frozen.lm.parameters())
     assert all(p.requires_grad for p in frozen.projector.parameters())
     assert not any(p.requires_grad for p in frozen.encoder.parameters())

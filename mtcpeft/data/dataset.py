@@ -22,13 +22,13 @@ class DataReport:
     examples: int = 0
     kept: int = 0
     bad_images: list[str] = field(default_factory=list)
-    empty_captions: int = 0
+    empty_targets: int = 0
     truncated: int = 0
 
     def summary(self, split: str) -> str:
         return (f"{split}: {self.kept:,} of {self.examples:,} examples kept; "
-                f"{len(self.bad_images)} unreadable images skipped, {self.empty_captions} empty captions skipped, "
-                f"{self.truncated} captions truncated to the token budget")
+                f"{len(self.bad_images)} unreadable images skipped, {self.empty_targets} empty targets skipped, "
+                f"{self.truncated} truncated to the token budget")
 
 
 def open_image(path: str) -> Image.Image:

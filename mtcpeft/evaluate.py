@@ -1,0 +1,55 @@
+"""Evaluate a task plugin on a split: perplexity of the targets (teacher forcing) and the task's generation
+metrics (caption: BLEU-4 / CIDEr-D; vqa: VQA accuracy; qa: SQuAD exact match / F1), plus example generations."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .build import build_datasets, image_input, read_examples
+from .generation import generate_texts
+from .losses import token_nll
+
+
+@torch.no_grad()
+def perplexity(model, dataset, batch_size: int = 16, progress: bool = False) -> dict:
+    """exp(mean NLL over every target token of ``dataset``), as the trainer's validation computes it."""
+    model.eval()
+    nll, count = 0.0, 0
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="perplexity", disable=not progress):
+        per_ex, n = token_nll(model(**batch).logits, batch["labels"])
+        nll += float(per_ex.double().sum())
+        count += int(n.sum())
+    mean = nll / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(mean), "tokens": count}
+
+
+def unique_by_id(task, examples: list[dict]) -> list[dict]:
+    """One example per prediction key (captioning has several captions per image: generate once per image)."""
+    seen, out = set(), []
+    for e in examples:
+        key = task.example_id(e)
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def evaluate_task(cfg, task, model, tokenizer, layout, split: str = "val", beams: int = 1, batch_size: int = 16,
+                  num_examples: int = 8, progress: bool = True) -> dict:
+    """{"split", "examples", "perplexity": {...}, "metrics": {...}, "samples": [...]} for one split."""
+    data, report = build_datasets(cfg, task, model, tokenizer, layout, splits=(split,), progress=progress)[split]
+    ppl = perplexity(model, data, batch_size, progress)
+    bad = set(report.bad_images)
+    examples = [e for e in unique_by_id(task, read_examples(cfg, task, split)) if e.get("image") not in bad]
+    images = image_input(cfg, model, examples, split, progress, cache_name=f"{split}_unique") if task.uses_images else None
+    texts = generate_texts(model, tokenizer, layout, task, examples, images, beams, batch_size=batch_size,
+                           progress=progress)
+    predictions = {task.example_id(e): t for e, t in zip(examples, texts)}
+    metrics = task.score(predictions, examples)
+    samples = [{"id": task.example_id(e), **{k: e[k] for k in ("image", "question", "caption", "answer", "answers")
+                                              if k in e}, "generated": t} for e, t in zip(examples, texts)]
+    return {"split": split, "data": vars(report) | {"bad_images": len(report.bad_images)},
+            "predictions": len(predictions), "perplexity": ppl, "metrics": metrics, "samples": samples[:num_examples]}
