@@ -1,0 +1,37 @@
+"""Export one context group of a LoRA plugin as a Hugging Face PEFT LoRA adapter folder.
+
+    python launch/export_peft.py --plugin runs/caption_offline/plugin --context text --out runs/caption_text_peft
+    python launch/export_peft.py --plugin runs/unified/plugin --context qa.answer --out DIR --base-model HF_ID
+
+The folder (adapter_config.json + adapter_model.safetensors) loads with
+``peft.PeftModel.from_pretrained(base_lm, DIR)`` and computes what the plugin's model computes when every token
+takes that context (see mtcpeft/interop.py). The projector of an image plugin is not part of a PEFT adapter.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mtcpeft.cli import run_cli  # noqa: E402
+from mtcpeft.interop import export_peft  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plugin", required=True, help="a LoRA plugin directory (task or unified)")
+    ap.add_argument("--context", required=True, help="the context group to export, e.g. text or qa.answer")
+    ap.add_argument("--out", required=True, help="output PEFT adapter folder")
+    ap.add_argument("--base-model", help="base_model_name_or_path to record (default: the plugin's base_lm)")
+    args = ap.parse_args(argv)
+    out = export_peft(args.plugin, args.context, args.out, base_model_name_or_path=args.base_model)
+    print(f"PEFT adapter: {out} (context {args.context!r} of {args.plugin})")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

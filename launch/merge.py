@@ -1,0 +1,99 @@
+"""Merge task plugins into ONE unified plugin, with routes for downstream tasks (Context-PEFT, Figure 7).
+
+    python launch/merge.py --plugin caption=runs/caption_offline/plugin --plugin qa=runs/qa_offline/plugin \\
+        --route vqa.image=caption.image --route vqa.question=qa.question --route vqa.answer=qa.answer \\
+        --generated vqa.answer --out runs/unified/plugin
+    python launch/merge.py --spec configs/merge_vqa.yaml                       # the same, from a YAML file
+    python launch/merge.py --plugin caption=DIR --plugin qa=DIR --route vqa.question=qa.question+caption.text \\
+        --strategy concat --out DIR                                             # a new group: the exact sum
+
+Every group of every plugin is kept, namespaced by its plugin's name (``caption.image``); each source task
+routes to its own groups, ``--route`` adds downstream tasks. A route naming several groups (``a.x+b.y``)
+builds a new group with ``--strategy`` average | ties (``--density``) | concat (LoRA, exact); ``keep`` (the
+default) allows one group per route. ``--projector TASK`` picks the projector when two plugins carry
+different ones. A YAML spec holds the same keys (plugins: {name: dir}, routes: {task.context: groups} or a
+list of "task.context=groups", strategy, density, projector, generated, task, out); command-line flags add to
+or override it. The unified plugin is written atomically; see mtcpeft/merge.py for the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from mtcpeft.cli import run_cli  # noqa: E402
+from mtcpeft.merge import STRATEGIES, MergeError, merge_to_dir  # noqa: E402
+
+SPEC_KEYS = ("plugins", "routes", "strategy", "density", "projector", "generated", "task", "out")
+
+
+def read_spec(path: str) -> dict:
+    """A YAML merge spec as flat lists: plugins ["name=dir"], routes ["task.ctx=groups"], the rest as given."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MergeError(f"cannot read the merge spec {path}: {e}") from None
+    if not isinstance(spec, dict):
+        raise MergeError(f"the merge spec {path} must be a mapping with keys {', '.join(SPEC_KEYS)}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise MergeError(f"unknown key {unknown[0]!r} in the merge spec {path}; keys: {', '.join(SPEC_KEYS)}")
+    out = dict(spec)
+    plugins = spec.get("plugins") or []
+    out["plugins"] = [f"{k}={v}" for k, v in plugins.items()] if isinstance(plugins, dict) else list(plugins)
+    routes = spec.get("routes") or []
+    out["routes"] = [f"{k}={v}" for k, v in routes.items()] if isinstance(routes, dict) else list(routes)
+    gen = spec.get("generated") or []
+    out["generated"] = [gen] if isinstance(gen, str) else list(gen)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plugin", action="append", default=[], metavar="NAME=DIR",
+                    help="a plugin directory, named (NAME=DIR) or taking its task as name; repeat")
+    ap.add_argument("--route", action="append", default=[], metavar="TASK.CTX=SRC.CTX[+SRC.CTX]",
+                    help="route a downstream task's context to a group (or several, merged); repeat")
+    ap.add_argument("--spec", help="YAML file with the same keys (plugins, routes, strategy, ...)")
+    ap.add_argument("--strategy", choices=STRATEGIES, help="how a route of several groups becomes one (default keep)")
+    ap.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
+    ap.add_argument("--projector", metavar="NAME", help="the plugin whose projector to keep when they differ")
+    ap.add_argument("--generated", action="append", default=[], metavar="TASK.CTX",
+                    help="the context of generated tokens of a downstream task; repeat")
+    ap.add_argument("--task", help="name of the unified plugin (default 'unified')")
+    ap.add_argument("--out", help="output plugin directory")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    spec = read_spec(args.spec) if args.spec else {}
+    plugins = spec.get("plugins", []) + args.plugin
+    routes = spec.get("routes", []) + args.route
+    out = args.out or spec.get("out")
+    if not plugins or not out:
+        raise MergeError("pass the plugins (--plugin NAME=DIR, repeated) and --out DIR, or a --spec that has them")
+    options = {
+        "strategy": args.strategy or spec.get("strategy", "keep"),
+        "projector": args.projector or spec.get("projector"),
+        "task": args.task or spec.get("task", "unified"),
+        "density": args.density if args.density is not None else spec.get("density", 0.2),
+        "generated": spec.get("generated", []) + args.generated,
+    }
+    path, manifest = merge_to_dir(out, plugins, routes, **options)
+    print(f"unified plugin: {path}")
+    print(f"contexts: {', '.join(manifest['contexts'])}  ({manifest['adaptor']['kind']}"
+          f"{', rank %d' % manifest['adaptor']['rank'] if 'rank' in manifest['adaptor'] else ''})")
+    for task, table in manifest["routes"].items():
+        print(f"route {task}: " + ", ".join(f"{c} -> {g}" for c, g in table.items()))
+    return manifest
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,547 @@
+"""The merger: task plugins -> ONE unified plugin whose context groups serve every source task and new ones.
+
+Multi-task composition as in Context-PEFT (arXiv 2312.08900, Figure 7): adaptors trained per task (caption:
+image, text; QA: question, answer) are assembled into one model; downstream tasks route their contexts to
+existing groups (VQA: image -> caption.image, question -> qa.question, answer -> qa.answer), so one batch can
+mix tasks with no adapter switching (each token picks its group).
+
+* Every source group is kept, namespaced by its task (``caption.image``), stacked along the context dim in
+  source order; then come the NEW groups of routes that name several groups (``vqa.question=qa.question+
+  caption.text``), built by the strategy:
+
+  - ``keep``: a route must name exactly one group (exact: no new group);
+  - ``concat`` (LoRA only, EXACT): the new group's delta is the SUM of the members' deltas, by concatenating
+    their factors along the rank; the merged rank grows to the largest that any group needs;
+  - ``average``: elementwise mean of the members' tensors; exact for BitFit (mean of biases) and for IA3 means
+    the mean scale; for LoRA, A and B are averaged separately, which is NOT the mean of the updates B·A
+    (approximate);
+  - ``ties``: TIES-merging (Yadav et al., 2023, arXiv 2306.01708) of the members' task vectors per tensor: trim
+    each to its top ``density`` fraction by magnitude, elect the sign of the summed trimmed values, average
+    the entries that agree with it. Task vectors are BitFit biases (from 0), IA3 scales minus 1, and for LoRA
+    the dense update scale·A^T·B, whose TIES result is re-factorised by truncated SVD to the group's rank (the
+    best rank-r approximation, Eckart-Young: approximate).
+
+* LoRA groups of different ranks or scales (alpha / rank) are made exact in one stacked tensor: ranks are
+  zero-padded to the largest, and when the sources' scales differ each source's scale is folded into B and
+  the merged plugin has scale 1 (alpha = rank). Targets a source lacks (allowed when its targets are a subset
+  of another's) get an identity group: LoRA B = 0 (A a seeded Kaiming-uniform, so joint fine-tuning can start),
+  BitFit 0, IA3 1.
+* Refused: plugins of different base LMs (fingerprint), different adaptor kinds, fully fine-tuned LMs, target
+  sets that are not nested, different widths, and two different projectors unless ``projector`` picks one.
+
+The manifest adds ``routes`` {task: {task context: group}} (each source task routes to its own groups),
+``generated`` {task: group of generated tokens}, ``merge`` {strategy, density, new_groups, exact} and
+``sources`` [{task, source_task, dir, fingerprint, contexts, adaptor, layout}]. :func:`route_table` gives the
+per-token context id remapping of a task; :func:`load_unified` / :func:`apply_plugin` load plugins into a
+ContextModel.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adaptors import adaptor_config
+from .model import ContextModel
+from .plugin import (PluginError, adaptor_options, adaptor_param_names, adaptor_prefix, check_compatible,
+                     lm_fingerprint, load_plugin, save_plugin)
+
+STRATEGIES = ("keep", "average", "ties", "concat")
+PROJECTOR_PREFIX = "projector."
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_IDENTITY = {"lora": 0.0, "bitfit": 0.0, "ia3": 1.0}  # the value of an adaptor tensor that changes nothing
+
+
+class MergeError(PluginError):
+    """Plugins or routes that cannot be merged as asked; the message names the conflict and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Route:
+    """``task.context`` of a downstream task served by one group, or by several merged into a new group."""
+
+    task: str
+    context: str
+    groups: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}.{self.context}"
+
+
+def parse_route(text: str) -> Route:
+    """``"vqa.question=qa.question+caption.text"`` -> Route("vqa", "question", ("qa.question", "caption.text"))."""
+    form = "routes read TASK.CONTEXT=SOURCE.CONTEXT[+SOURCE.CONTEXT...], e.g. vqa.image=caption.image"
+    lhs, sep, rhs = (s.strip() for s in text.partition("="))
+    task, dot, ctx = lhs.partition(".")
+    if not sep or not rhs or not dot or not _NAME.fullmatch(task) or not ctx:
+        raise MergeError(f"bad route {text!r}: {form}")
+    groups = tuple(g.strip() for g in rhs.split("+"))
+    if not all(groups):
+        raise MergeError(f"bad route {text!r}: an empty group name around '+'; {form}")
+    if len(set(groups)) != len(groups):
+        raise MergeError(f"route {text!r} names a group twice")
+    return Route(task, ctx, groups)
+
+
+@dataclass
+class Source:
+    """One plugin to merge; ``name`` namespaces its contexts (default: its task)."""
+
+    name: str
+    manifest: dict
+    tensors: dict[str, torch.Tensor]
+    path: str = ""
+
+    @property
+    def merged(self) -> bool:  # an earlier merge: its contexts are namespaced already
+        return "routes" in self.manifest
+
+    def group(self, context: str) -> str:
+        return context if self.merged else f"{self.name}.{context}"
+
+    @property
+    def groups(self) -> list[str]:
+        return [self.group(c) for c in self.manifest["contexts"]]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["adaptor"]["kind"]
+
+    @property
+    def scale(self) -> float:
+        return adaptor_config("lora", **adaptor_options(self.manifest)).scale if self.kind == "lora" else 1.0
+
+
+def parse_plugin_arg(text: str) -> tuple[str | None, str]:
+    """``"caption=runs/caption/plugin"`` -> ("caption", path); a bare path -> (None, path)."""
+    name, sep, path = text.partition("=")
+    return (name, path) if sep and _NAME.fullmatch(name) else (None, text)
+
+
+def load_sources(plugins: Sequence[str | os.PathLike | tuple[str | None, str | os.PathLike]]) -> list[Source]:
+    """Load ``["caption=DIR", ("qa", DIR), DIR, ...]``; unnamed plugins take their manifest's task as name."""
+    out = []
+    for item in plugins:
+        if isinstance(item, tuple):
+            name, path = item
+        else:
+            name, path = parse_plugin_arg(str(item))
+        manifest, tensors = load_plugin(path)
+        out.append(Source(name or manifest["task"], manifest, tensors, str(path)))
+    return out
+
+
+def task_routes(manifest: dict) -> dict[str, dict[str, str]]:
+    """{task: {task context: group}}: a merged plugin's routes, or an ordinary plugin's own task (a
+    context-agnostic plugin routes every task context to its one group)."""
+    if "routes" in manifest:
+        return manifest["routes"]
+    contexts = manifest["contexts"]
+    table = {}
+    for c in manifest.get("task_contexts") or contexts:
+        if c not in contexts and len(contexts) != 1:
+            raise MergeError(f"task context {c!r} of {manifest['task']!r} has no group among {contexts}")
+        table[c] = c if c in contexts else contexts[0]
+    return {manifest["task"]: table}
+
+
+# ------------------------------------------------------------------------------------------- the plan
+def _check_sources(sources: list[Source], strategy: str) -> list[str]:
+    """Refuse what cannot be combined; return the merged targets (the largest set, in model order)."""
+    if not sources:
+        raise MergeError("nothing to merge: pass at least one plugin")
+    names = [s.name for s in sources]
+    bad = [n for n in names if not _NAME.fullmatch(n)]
+    if bad:
+        raise MergeError(f"plugin name {bad[0]!r} must be a word (letters, digits, _ or -): it prefixes contexts")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise MergeError(f"two plugins are named {dup[0]!r}; name them apart with --plugin NAME=DIR")
+    first = sources[0]
+    for s in sources:
+        where = f"plugin {s.name!r} ({s.path or 'in memory'})"
+        if s.manifest["base_lm_fingerprint"] != first.manifest["base_lm_fingerprint"]:
+            raise MergeError(
+                f"{where} was trained on another base LM than {first.name!r}: fingerprints "
+                f"{s.manifest['base_lm_fingerprint']} ({s.manifest['base_lm']!r}) vs "
+                f"{first.manifest['base_lm_fingerprint']} ({first.manifest['base_lm']!r}); merge plugins of one base")
+        if s.manifest["adaptor"].get("full_finetune"):
+            raise MergeError(f"{where} fine-tunes the whole LM: only adaptor plugins (lora, bitfit, ia3) merge")
+        if s.kind != first.kind:
+            raise MergeError(f"cannot merge a {first.kind} plugin ({first.name!r}) with a {s.kind} plugin "
+                             f"({s.name!r}): their groups are different tensors; train them with one adaptor kind")
+    if strategy not in STRATEGIES:
+        raise MergeError(f"unknown strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}")
+    if strategy == "concat" and first.kind != "lora":
+        raise MergeError(f"strategy 'concat' concatenates LoRA ranks; for {first.kind} use average or ties")
+    widest = max(sources, key=lambda s: len(s.manifest["targets"]))
+    targets = widest.manifest["targets"]
+    for s in sources:
+        extra = [t for t in s.manifest["targets"] if t not in targets]
+        if extra:
+            raise MergeError(f"plugins {widest.name!r} and {s.name!r} adapt different layers (e.g. {extra[0]!r} only "
+                             f"in {s.name!r}); merging needs one's targets within the other's: train with the same "
+                             "adaptor.targets")
+    return list(targets)
+
+
+@dataclass
+class _Plan:
+    groups: list[str]  # unified contexts: source groups, then new groups
+    owner: dict[str, tuple[Source, int]]  # source group -> (source, its context index)
+    new: dict[str, tuple[str, ...]]  # new group -> member source groups
+    routes: dict[str, dict[str, str]]
+    generated: dict[str, str]
+
+
+def _unknown_group(group: str, route: Route, sources: list[Source]) -> MergeError:
+    task, _, ctx = group.partition(".")
+    by_task = {}
+    for s in sources:
+        for g in s.groups:
+            t, _, c = g.partition(".")
+            by_task.setdefault(t, []).append(c)
+    text = f"{route.name}={'+'.join(route.groups)}"
+    if task not in by_task:
+        return MergeError(f"unknown task {task!r} in route {text!r}; source tasks: {', '.join(by_task)}")
+    return MergeError(f"unknown context {ctx!r} of task {task!r} in route {text!r}; its contexts: "
+                      f"{', '.join(by_task[task])}")
+
+
+def _plan(sources: list[Source], routes: Sequence[Route], strategy: str, generated: Sequence[str]) -> _Plan:
+    owner, table, gen = {}, {}, {}
+    for s in sources:
+        for i, g in enumerate(s.groups):
+            if g in owner:
+                raise MergeError(f"context {g!r} comes from two plugins ({owner[g][0].name!r}, {s.name!r})")
+            owner[g] = (s, i)
+        for task, ctxs in task_routes(s.manifest).items():
+            name = task if s.merged else s.name
+            if name in table:
+                raise MergeError(f"task {name!r} is routed by two plugins; name them apart with --plugin NAME=DIR")
+            table[name] = {c: s.group(g) for c, g in ctxs.items()}
+        if s.merged:
+            gen.update(s.manifest.get("generated", {}))
+        elif s.manifest.get("generated_context") is not None:
+            gen[s.name] = s.group(s.manifest["generated_context"])
+    sourced = set(table)
+    groups, new = list(owner), {}
+    for r in routes:
+        if r.task in sourced:
+            raise MergeError(f"route {r.name}: {r.task!r} is a source task whose contexts route to its own groups; "
+                             "give the downstream task another name")
+        for g in r.groups:
+            if g not in owner:
+                raise _unknown_group(g, r, sources)
+        if r.context in table.get(r.task, {}):
+            raise MergeError(f"{r.name} is routed twice")
+        if len(r.groups) == 1:
+            table.setdefault(r.task, {})[r.context] = r.groups[0]
+            continue
+        if strategy == "keep":
+            raise MergeError(f"route {r.name}={'+'.join(r.groups)} names {len(r.groups)} groups but strategy 'keep' "
+                             "needs exactly one; pick --strategy average, ties or concat (LoRA) to merge them")
+        new[r.name] = r.groups
+        groups.append(r.name)
+        table.setdefault(r.task, {})[r.context] = r.name
+    for text in generated:
+        task, _, ctx = text.partition(".")
+        if ctx not in table.get(task, {}):
+            raise MergeError(f"generated context {text!r} is not routed; routed: "
+                             f"{', '.join(f'{t}.{c}' for t, cs in table.items() for c in cs)}")
+        gen[task] = table[task][ctx]
+    return _Plan(groups, owner, new, table, gen)
+
+
+# ------------------------------------------------------------------------------------------- strategies
+def ties_merge(deltas: Sequence[torch.Tensor], density: float = 0.2) -> torch.Tensor:
+    """TIES-merging (Yadav et al., 2023, arXiv 2306.01708) of task vectors of one tensor (same shapes).
+
+    Trim: each task vector keeps its top ``density`` fraction of entries by magnitude (ties at the threshold
+    kept), others set to 0. Elect: the sign of the sum of the trimmed vectors. Disjoint merge: each entry is the
+    mean of the trimmed values that are nonzero and agree with the elected sign (0 if none).
+    """
+    if not 0.0 < density <= 1.0:
+        raise MergeError(f"TIES density must be in (0, 1], got {density}")
+    stack = torch.stack([d.reshape(-1).double() for d in deltas])  # (k, n)
+    keep = max(1, math.ceil(density * stack.shape[1]))
+    if keep < stack.shape[1]:
+        threshold = stack.abs().topk(keep, dim=1).values[:, -1:]  # (k, 1)
+        stack = torch.where(stack.abs() >= threshold, stack, torch.zeros_like(stack))
+    sign = torch.sign(stack.sum(0))
+    agree = (torch.sign(stack) == sign) & (stack != 0)
+    merged = (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return merged.reshape(deltas[0].shape).to(deltas[0].dtype)
+
+
+def _low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (rank, d_in), B (rank, d_out) with A^T B the best rank-``rank`` approximation of delta (d_in, d_out)."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    k = min(rank, S.shape[0])
+    root = S[:k].sqrt()
+    A, B = (U[:, :k] * root).t(), root[:, None] * Vh[:k]
+    pad = (0, 0, 0, rank - k)
+    return F.pad(A, pad).to(delta.dtype), F.pad(B, pad).to(delta.dtype)
+
+
+def _pad_rank(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, 0, rank - t.shape[0]))
+
+
+def _combine(kind: str, members: list[list[torch.Tensor]], strategy: str, scale: float, density: float):
+    """The new group's tensors from member groups: per member [A, B] (LoRA, scale already common) or [v]."""
+    if kind == "lora":
+        if strategy == "concat":  # sum of updates: [A1; A2]^T [B1; B2] = A1^T B1 + A2^T B2
+            return [torch.cat([m[0] for m in members]), torch.cat([m[1] for m in members])]
+        rank = max(m[0].shape[0] for m in members)
+        if strategy == "average":
+            return [torch.stack([_pad_rank(m[i], rank) for m in members]).mean(0) for i in (0, 1)]
+        merged = ties_merge([scale * m[0].t().double() @ m[1].double() for m in members], density)  # (d_in, d_out)
+        A, B = _low_rank(merged / scale, rank)
+        return [A.to(members[0][0].dtype), B.to(members[0][1].dtype)]
+    if strategy == "average":
+        return [torch.stack([m[0] for m in members]).mean(0)]
+    ident = _IDENTITY[kind]
+    return [ident + ties_merge([m[0] - ident for m in members], density)]
+
+
+def _identity_group(kind: str, target: str, group: str, shapes: list[torch.Size], rank: int):
+    """Tensors of a group that changes nothing (LoRA: B = 0 with a seeded Kaiming-uniform A)."""
+    if kind != "lora":
+        return [torch.full(shapes[0][1:], _IDENTITY[kind])]
+    d_in, d_out = shapes[0][-1], shapes[1][-1]
+    g = torch.Generator().manual_seed(zlib.crc32(f"{target}/{group}".encode()))
+    bound = 1.0 / math.sqrt(d_in)
+    return [torch.rand(rank, d_in, generator=g) * 2 * bound - bound, torch.zeros(rank, d_out)]
+
+
+def _merged_lora(sources: list[Source], plan: _Plan, strategy: str) -> tuple[int, float]:
+    """(rank, scale) of the merged LoRA: the common scale if all sources share one, else 1 (folded into B)."""
+    scales = {s.scale for s in sources}
+    scale = scales.pop() if len(scales) == 1 else 1.0
+    rank = max(s.manifest["adaptor"]["rank"] for s in sources)
+    for members in plan.new.values():
+        ranks = [plan.owner[g][0].manifest["adaptor"]["rank"] for g in members]
+        rank = max(rank, sum(ranks) if strategy == "concat" else max(ranks))
+    return rank, scale
+
+
+def _merge_adaptors(sources, plan, targets, strategy, density) -> tuple[dict, dict]:
+    kind = sources[0].kind
+    params = adaptor_param_names(kind)
+    prefix = adaptor_prefix(sources[0].manifest)
+    rank, scale = _merged_lora(sources, plan, strategy) if kind == "lora" else (0, 1.0)
+    out = {}
+    for t in targets:
+        holders = [s for s in sources if t in s.manifest["targets"]]
+        shapes = [holders[0].tensors[f"{adaptor_prefix(holders[0].manifest)}{t}.{p}"].shape for p in params]
+        dtype = holders[0].tensors[f"{adaptor_prefix(holders[0].manifest)}{t}.{params[0]}"].dtype
+        for s in holders:
+            own = [s.tensors[f"{adaptor_prefix(s.manifest)}{t}.{p}"].shape for p in params]
+            if [o[-1] for o in own] != [x[-1] for x in shapes]:  # d_in / d_out / scaled width
+                raise MergeError(f"target {t!r} has tensors {[list(o) for o in own]} in {s.name!r} but "
+                                 f"{[list(x) for x in shapes]} in {holders[0].name!r}: different widths or placements")
+        groups = {}
+        for g, (s, i) in plan.owner.items():
+            if t not in s.manifest["targets"]:
+                groups[g] = _identity_group(kind, t, g, shapes, rank)
+                continue
+            ts = [s.tensors[f"{adaptor_prefix(s.manifest)}{t}.{p}"][i] for p in params]
+            if kind == "lora" and s.scale != scale:  # fold the source's scale into B: exact
+                ts[1] = ts[1] * (s.scale / scale)
+            groups[g] = ts
+        for g, members in plan.new.items():
+            groups[g] = _combine(kind, [groups[m] for m in members], strategy, scale, density)
+        for j, p in enumerate(params):
+            rows = [groups[g][j].to(dtype) for g in plan.groups]
+            if kind == "lora":
+                rows = [_pad_rank(r, rank) for r in rows]
+            out[f"{prefix}{t}.{p}"] = torch.stack(rows).contiguous()
+    adaptor = {"kind": kind}
+    if kind == "lora":  # dropout only acts in training: the largest of the sources'
+        dropout = max(s.manifest["adaptor"].get("dropout", 0.0) for s in sources)
+        adaptor.update(rank=rank, alpha=scale * rank, dropout=dropout)
+    return {**adaptor, "full_finetune": False}, out
+
+
+def _projector(sources: list[Source], pick: str | None) -> Source | None:
+    """The one plugin whose projector (and vision encoder) the merged plugin keeps."""
+    holders = [s for s in sources if any(k.startswith(PROJECTOR_PREFIX) for k in s.tensors)]
+    if pick is not None:
+        chosen = [s for s in sources if s.name == pick]
+        if not chosen:
+            raise MergeError(f"--projector {pick!r} names no plugin; plugins: {', '.join(s.name for s in sources)}")
+        if chosen[0] not in holders:
+            raise MergeError(f"--projector {pick!r}: that plugin has no projector; plugins with one: "
+                             f"{', '.join(s.name for s in holders) or '(none)'}")
+        return chosen[0]
+    if not holders:
+        return None
+    first = holders[0]
+    mine = {k: v for k, v in first.tensors.items() if k.startswith(PROJECTOR_PREFIX)}
+    for s in holders[1:]:
+        theirs = {k: v for k, v in s.tensors.items() if k.startswith(PROJECTOR_PREFIX)}
+        if theirs.keys() != mine.keys() or not all(torch.equal(theirs[k], mine[k]) for k in mine):
+            raise MergeError(f"plugins {first.name!r} and {s.name!r} carry different projectors; keep one with "
+                             f"--projector {first.name} (or {s.name})")
+    return first
+
+
+# ------------------------------------------------------------------------------------------------ merge
+def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (), strategy: str = "keep", *,
+                  projector: str | None = None, task: str = "unified", density: float = 0.2,
+                  generated: Sequence[str] = ()) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, tensors) of the unified plugin; see the module docstring for what each option does."""
+    sources = list(sources)
+    routes = [parse_route(r) if isinstance(r, str) else r for r in routes]
+    targets = _check_sources(sources, strategy)
+    for s in sources:
+        stray = [k for k in s.tensors if not k.startswith((PROJECTOR_PREFIX, adaptor_prefix(s.manifest)))]
+        if stray:
+            raise MergeError(f"plugin {s.name!r} holds {stray[0]!r}, neither an adaptor nor a projector tensor")
+    plan = _plan(sources, routes, strategy, generated)
+    adaptor, tensors = _merge_adaptors(sources, plan, targets, strategy, density)
+    proj = _projector(sources, projector)
+    if proj is not None:
+        tensors.update({k: v for k, v in proj.tensors.items() if k.startswith(PROJECTOR_PREFIX)})
+    widest = max(sources, key=lambda s: len(s.manifest["targets"]))
+    first = sources[0].manifest
+    manifest = {
+        "task": task,
+        "contexts": plan.groups,
+        "generated_context": None,
+        "adaptor": adaptor,
+        "placement": widest.manifest["placement"],
+        "targets": targets,
+        "base_lm": first["base_lm"],
+        "base_lm_fingerprint": first["base_lm_fingerprint"],
+        "vision": proj.manifest.get("vision") if proj else None,
+        "projector": proj.manifest.get("projector") if proj else None,
+        "routes": plan.routes,
+        "generated": plan.generated,
+        "merge": {"strategy": strategy, "density": density if strategy == "ties" else None,
+                  "new_groups": {g: list(m) for g, m in plan.new.items()},
+                  "exact": not plan.new or strategy == "concat", "projector_from": proj.name if proj else None},
+        "sources": [{"task": s.name, "source_task": s.manifest["task"], "dir": s.path,
+                     "fingerprint": s.manifest["base_lm_fingerprint"], "contexts": s.manifest["contexts"],
+                     "adaptor": s.manifest["adaptor"], "layout": s.manifest.get("layout")} for s in sources],
+    }
+    if adaptor_prefix(first) != adaptor_prefix({}):
+        manifest["adaptor_prefix"] = adaptor_prefix(first)
+    return manifest, tensors
+
+
+def merge_to_dir(out_dir: str | os.PathLike, plugins: Sequence, routes: Sequence[Route | str] = (),
+                 strategy: str = "keep", **options) -> tuple[Path, dict]:
+    """Load ``plugins`` (see :func:`load_sources`), merge them and save the unified plugin atomically."""
+    manifest, tensors = merge_plugins(load_sources(plugins), routes, strategy, **options)
+    return save_plugin(out_dir, manifest, tensors), manifest
+
+
+# ------------------------------------------------------------------------------------------------ using
+def route_table(manifest: dict, task: str, contexts: Sequence[str] | None = None) -> list[int]:
+    """The plugin group id of each of ``task``'s contexts (``contexts``: the task's own order; default the order
+    of the routing table). Remap a dataset's per-token ids with ``torch.tensor(table)[ids]`` (keep -1 as -1),
+    or use :func:`route_map`."""
+    routes = task_routes(manifest)
+    if task not in routes:
+        raise MergeError(f"the plugin routes no task {task!r}; routed tasks: {', '.join(routes)}")
+    table = routes[task]
+    order = list(table) if contexts is None else list(contexts)
+    unknown = [c for c in order if c not in table]
+    if unknown:
+        raise MergeError(f"task {task!r} has no route for context {unknown[0]!r}; routed: {', '.join(table)}")
+    return [manifest["contexts"].index(table[c]) for c in order]
+
+
+def route_map(manifest: dict, task: str, contexts: Sequence[str] | None = None) -> torch.Tensor:
+    """(C_task + 1,) long lookup: ``route_map(...)[ids + 1]`` maps a task's context ids to group ids, -1 to -1
+    (the form :class:`mtcpeft.data.dataset.EncodedDataset` takes as ``context_map``)."""
+    return torch.tensor([-1, *route_table(manifest, task, contexts)], dtype=torch.long)
+
+
+def apply_plugin(model: ContextModel, manifest: dict, tensors: dict[str, torch.Tensor], prefix: str | None = None,
+                 mapping: dict[str, str] | None = None) -> dict[str, str]:
+    """Copy a plugin's groups into ``model`` by context name; returns {plugin context: model context}.
+
+    A plugin context ``c`` of task ``t`` goes to ``mapping[c]``, else to the model's context ``c``, else to
+    ``t.c`` (so a task plugin fills its namespaced groups of a unified model). LoRA groups of a smaller rank are
+    zero-padded and a different scale is folded into B (exact). Model groups and targets the plugin does not
+    name are left as they are.
+    """
+    kind, full = manifest["adaptor"]["kind"], manifest["adaptor"].get("full_finetune")
+    if full or model.adaptor.name != kind:
+        raise MergeError(f"the plugin holds {'a fully fine-tuned LM' if full else kind + ' adaptors'}; the model has "
+                         f"{model.adaptor.name} adaptors")
+    prefix = adaptor_prefix(manifest) if prefix is None else prefix
+    mapping = mapping or {}
+    where = {}
+    for c in manifest["contexts"]:
+        for name in (mapping.get(c), c, f"{manifest['task']}.{c}"):
+            if name is not None and name in model.vocab:
+                where[c] = name
+                break
+        else:
+            raise MergeError(f"the model has no context for the plugin's {c!r} (tried {c!r} and "
+                             f"{manifest['task']}.{c!r}); its contexts: {list(model.vocab.names)}; pass mapping=")
+    layers = dict(model.context_layers())
+    rank_p = manifest["adaptor"].get("rank")
+    ratio = 1.0
+    if kind == "lora":
+        config = adaptor_config("lora", **adaptor_options(manifest))
+        rank_m = model.adaptor.rank
+        if rank_p > rank_m:
+            raise MergeError(f"the plugin's LoRA rank {rank_p} exceeds the model's {rank_m}; build the model with "
+                             f"rank >= {rank_p}")
+        ratio = config.scale / model.adaptor.scale
+    params = adaptor_param_names(kind)
+    with torch.no_grad():
+        for t in manifest["targets"]:
+            if t not in layers:
+                raise MergeError(f"the plugin adapts {t!r}, which the model does not; build it with the plugin's "
+                                 f"placement {manifest['placement']!r}")
+            for p in params:
+                own, src = getattr(layers[t], p), tensors[f"{prefix}{t}.{p}"]
+                if src.shape[-1] != own.shape[-1] or src.shape[2:-1] != own.shape[2:-1]:
+                    raise MergeError(f"{t}.{p}: plugin shape {list(src.shape)} does not fit the model's "
+                                     f"{list(own.shape)} (another base LM or placement?)")
+                for i, c in enumerate(manifest["contexts"]):
+                    row = src[i] * ratio if p == "lora_B" and ratio != 1.0 else src[i]
+                    own[model.vocab.id(where[c])].copy_(_pad_rank(row, own.shape[1]) if kind == "lora" else row)
+    return where
+
+
+def load_unified(plugin_dir: str | os.PathLike, lm: nn.Module, check_base: bool = True) -> tuple[ContextModel, dict]:
+    """(ContextModel over ``lm`` with the plugin's contexts, adaptor and placement, loaded; manifest).
+
+    Works for merged and ordinary plugins; the projector tensors (if any) stay in the plugin
+    (:func:`projector_tensors`). ``check_base``: refuse an ``lm`` other than the plugin's base (fingerprint).
+    """
+    manifest, tensors = load_plugin(plugin_dir)
+    if check_base:
+        check_compatible(manifest, base_lm_fingerprint=lm_fingerprint(lm), where=str(plugin_dir))
+    placement = manifest["placement"]
+    targets = placement if placement.upper() in ("A", "F", "AF") else placement.split(",")
+    config = adaptor_config(manifest["adaptor"]["kind"], **adaptor_options(manifest))
+    model = ContextModel(lm, manifest["contexts"], config, targets, generated_context=manifest.get("generated_context"))
+    if set(model.target_names) != set(manifest["targets"]):
+        raise PluginError(f"{plugin_dir}: the placement {placement!r} selects other layers on this LM than the plugin "
+                          f"adapts (e.g. {manifest['targets'][:2]})")
+    check_compatible(manifest, model=model, tensors=tensors, where=str(plugin_dir))
+    apply_plugin(model, manifest, tensors)
+    return model, manifest
+
+
+def projector_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector's state dict inside plugin tensors (``projector.<name>`` -> ``<name>``)."""
+    return {k[len(PROJECTOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
