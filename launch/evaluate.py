@@ -6,7 +6,8 @@
     python launch/evaluate.py --task qa --plugin DIR --config my_squad.yaml data.val_annotations=dev-v2.0.json
 
 The data come from --config (default configs/<task>_offline.yaml) and dotted overrides; the model, adaptor and
-layout from the plugin. Writes eval_<split>.json beside the plugin directory (or --out): metrics, perplexity, data counts and a few
+layout from the plugin; a unified plugin (launch/merge.py, launch/train_joint.py) is routed for the task and
+laid out by the data config. Writes eval_<split>.json beside the plugin directory (or --out): metrics, perplexity, data counts and a few
 example generations.
 """
 from __future__ import annotations
@@ -26,7 +27,11 @@ from mtcpeft.config import ConfigError, load_config  # noqa: E402
 from mtcpeft.evaluate import evaluate_task  # noqa: E402
 from mtcpeft.io import write_json  # noqa: E402
 from mtcpeft.train import configure_cpu_threads  # noqa: E402
-from tasks import TASKS  # noqa: E402
+from mtcpeft.joint import build_joint_model, generated_group  # noqa: E402
+from mtcpeft.merge import route_map  # noqa: E402
+from mtcpeft.plugin import read_manifest  # noqa: E402
+from tasks import TASKS, get_task  # noqa: E402
+from tasks.base import SequenceLayout  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,19 +48,31 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*", help="dotted data overrides, e.g. data.source=squad data.val_annotations=F")
     args = ap.parse_args(argv)
     configure_cpu_threads()
-    model, tokenizer, layout, task, manifest = load_task_model(args.plugin, lm=args.lm)
-    if manifest["task"] != TASKS.get(args.task).name:
-        raise ConfigError(f"{args.plugin} is a {manifest['task']!r} plugin, not {args.task!r}; pass --task "
-                          f"{manifest['task']} (or a plugin trained for {args.task})")
     default = ROOT / "configs" / f"{args.task}_offline.yaml"
-    cfg = config_from_manifest(manifest, args.lm)  # model, adaptor and layout as trained
-    cfg.data = load_config(args.config or (default if default.is_file() else None), args.overrides).data
+    data_cfg = load_config(args.config or (default if default.is_file() else None), args.overrides)
+    if "routes" in read_manifest(args.plugin):  # a unified (merged / jointly trained) plugin: route the task
+        model, tokenizer, manifest = build_joint_model(args.plugin, args.lm)
+        task = get_task(args.task)
+        cfg = data_cfg
+        T = model.encoder.num_tokens if task.uses_images and model.encoder is not None else 0
+        layout = SequenceLayout(T, cfg.data.seq_len, cfg.data.max_target_tokens)
+        routing = {"routes": route_map(manifest, task.name, task.contexts),
+                   "generated_context": generated_group(manifest, task)}
+    else:
+        model, tokenizer, layout, task, manifest = load_task_model(args.plugin, lm=args.lm)
+        if manifest["task"] != TASKS.get(args.task).name:
+            raise ConfigError(f"{args.plugin} is a {manifest['task']!r} plugin, not {args.task!r}; pass --task "
+                              f"{manifest['task']} (or a plugin trained for {args.task})")
+        cfg = config_from_manifest(manifest, args.lm)  # model, adaptor and layout as trained
+        cfg.data = data_cfg.data
+        cfg.data.seq_len, cfg.data.max_target_tokens = layout.seq_len, layout.max_target_tokens
+        routing = {}
+    cfg.task = task.name
     cfg.output_dir = str(Path(args.plugin).parent)  # feature caches sit beside the plugin's run
-    cfg.data.seq_len, cfg.data.max_target_tokens = layout.seq_len, layout.max_target_tokens
     if args.limit:
         setattr(cfg.data, f"{args.split}_limit", args.limit)
     result = {"task": task.name, "plugin": str(args.plugin), "beams": args.beams,
-              **evaluate_task(cfg, task, model, tokenizer, layout, args.split, args.beams, args.batch_size)}
+              **evaluate_task(cfg, task, model, tokenizer, layout, args.split, args.beams, args.batch_size, **routing)}
     out = Path(args.out) if args.out else Path(args.plugin).parent / f"eval_{args.split}.json"
     write_json(result, out)
     print(json.dumps({"perplexity": result["perplexity"]["ppl"], **result["metrics"]}, indent=1))

@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from accelerate.utils import set_seed  # noqa: E402
+
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.build import build_task_model, build_datasets, task_plugin  # noqa: E402
 from mtcpeft.config import load_config, save_config  # noqa: E402
 from mtcpeft.io import write_json  # noqa: E402
-from mtcpeft.train import Trainer, make_accelerator  # noqa: E402
+from mtcpeft.train import Trainer, configure_cpu_threads, make_accelerator  # noqa: E402
 from tasks import TASKS, get_task  # noqa: E402
 
 
@@ -42,8 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config or default_config(args.task), args.overrides)
     cfg.task = task.name
 
-    acc = make_accelerator(cfg.train, cfg.output_dir)
+    set_seed(cfg.seed)  # the model's trainable initialisation (projector, LoRA A) is part of the run's seed
+    configure_cpu_threads()
+    # built before the Accelerator: under ZeRO-3 transformers would otherwise load the LM already partitioned
     model, tokenizer, layout = build_task_model(cfg, task)
+    acc = make_accelerator(cfg.train, cfg.output_dir)
     with acc.main_process_first():
         data = build_datasets(cfg, task, model, tokenizer, layout, progress=acc.is_local_main_process)
     for split, (_, report) in data.items():
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = Trainer(cfg, model, data["train"][0], data["val"][0], accelerator=acc, on_best=save_best)
     state = trainer.fit()
+    trainer.finish()
     results = {
         "task": task.name, "best_epoch": state.best_epoch, "best_val_ppl": state.best_val_ppl,
         "history": state.history, "trainable_parameters": trainer.num_trainable,

@@ -18,7 +18,7 @@ from .models.lm import load_lm, load_tokenizer
 from .models.projector import Projector
 from .models.vision import build_vision_encoder, cached_features, image_transform
 from .models.vlm import VisionLanguageModel
-from .plugin import PluginError, load_plugin, save_plugin, weights_fingerprint
+from .plugin import PluginError, lm_fingerprint, load_plugin, save_plugin
 
 SHARED = "shared"  # the one context of a context-agnostic model
 
@@ -87,7 +87,10 @@ def build_task_model(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: C
         width = ctx_lm.model.get_input_embeddings().embedding_dim
         projector = Projector(encoder.dim, width, cfg.model.projector, cfg.model.projector_dropout)
     layout = SequenceLayout(encoder.num_tokens if encoder else 0, cfg.data.seq_len, cfg.data.max_target_tokens)
-    return VisionLanguageModel(ctx_lm, projector, encoder), load_tokenizer(cfg.model.lm), layout
+    model = VisionLanguageModel(ctx_lm, projector, encoder)
+    # taken now, while every frozen weight is whole (ZeRO-3 partitions them once the model is prepared)
+    model.fingerprints = {"lm": lm_fingerprint(ctx_lm), "vision": encoder.fingerprint() if encoder else None}
+    return model, load_tokenizer(cfg.model.lm), layout
 
 
 def read_examples(cfg: RunConfig, task, split: str) -> list[dict]:
@@ -151,6 +154,8 @@ def task_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str |
     state = state if state is not None else dict(model.named_parameters())
     tensors = {n: t for n, t in state.items() if n in trainable}
     ctx_lm = model.lm
+    fingerprints = getattr(model, "fingerprints", None) or {
+        "lm": lm_fingerprint(ctx_lm), "vision": model.encoder.fingerprint() if model.encoder is not None else None}
     manifest = {
         "task": task.name,
         "contexts": list(ctx_lm.vocab.names),
@@ -160,22 +165,17 @@ def task_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str |
         "placement": cfg.adaptor.targets,
         "targets": ctx_lm.target_names,
         "base_lm": cfg.model.lm,
-        "base_lm_fingerprint": weights_fingerprint(_frozen_lm(ctx_lm)),
+        "base_lm_fingerprint": fingerprints["lm"],
         "vision": None,
         "projector": None,
         "layout": {"seq_len": cfg.data.seq_len, "max_target_tokens": cfg.data.max_target_tokens},
     }
     if model.encoder is not None:
         manifest["vision"] = {"name": cfg.model.vision, "pretrained": cfg.model.vision_pretrained,
-                              "image_size": model.encoder.image_size, "fingerprint": model.encoder.fingerprint()}
+                              "image_size": model.encoder.image_size, "fingerprint": fingerprints["vision"]}
         manifest["projector"] = {"kind": cfg.model.projector, "in_dim": model.encoder.dim,
                                  "out_dim": ctx_lm.model.get_input_embeddings().embedding_dim}
     return save_plugin(out_dir, manifest, tensors)
-
-
-def _frozen_lm(ctx_lm: ContextModel) -> nn.Module:
-    """The LM's embedding table stands for its frozen weights (present and frozen in every PEFT run)."""
-    return ctx_lm.model.get_input_embeddings()
 
 
 def config_from_manifest(manifest: dict, lm: str | None = None) -> RunConfig:
@@ -212,9 +212,9 @@ def load_task_model(plugin_dir: str | Path, lm: str | None = None):
     if model.lm.target_names != manifest["targets"]:
         raise PluginError(f"{plugin_dir}: the placement {cfg.adaptor.targets!r} no longer selects the layers it was "
                           f"trained on (e.g. {manifest['targets'][:2]}); was the base LM changed?")
-    if weights_fingerprint(_frozen_lm(model.lm)) != manifest["base_lm_fingerprint"]:
+    if model.fingerprints["lm"] != manifest["base_lm_fingerprint"]:
         raise PluginError(f"{plugin_dir} was trained on another base LM than {cfg.model.lm!r} (fingerprints differ)")
-    if model.encoder is not None and model.encoder.fingerprint() != manifest["vision"]["fingerprint"]:
+    if model.encoder is not None and model.fingerprints["vision"] != manifest["vision"]["fingerprint"]:
         raise PluginError(f"{plugin_dir} was trained with other {cfg.model.vision} weights (fingerprints differ)")
     own = dict(model.named_parameters())
     missing = sorted(set(tensors) - set(own))

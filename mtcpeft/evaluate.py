@@ -38,15 +38,18 @@ def unique_by_id(task, examples: list[dict]) -> list[dict]:
 
 
 def evaluate_task(cfg, task, model, tokenizer, layout, split: str = "val", beams: int = 1, batch_size: int = 16,
-                  num_examples: int = 8, progress: bool = True) -> dict:
-    """{"split", "examples", "perplexity": {...}, "metrics": {...}, "samples": [...]} for one split."""
-    data, report = build_datasets(cfg, task, model, tokenizer, layout, splits=(split,), progress=progress)[split]
-    ppl = perplexity(model, data, batch_size, progress)
+                  num_examples: int = 8, progress: bool = True, routes=None, generated_context: str | None = None,
+                  ) -> dict:
+    """{"split", "examples", "perplexity": {...}, "metrics": {...}, "samples": [...]} for one split. A unified
+    model takes the task's ``routes`` and the group of its generated tokens (see :func:`generate_texts`)."""
+    data, report = build_datasets(cfg, task, model, tokenizer, layout, splits=(split,), progress=progress,
+                                  routes=routes)[split]
+    ppl = perplexity(model, data, batch_size, progress)  # a task's own rows: never a mixed batch
     bad = set(report.bad_images)
     examples = [e for e in unique_by_id(task, read_examples(cfg, task, split)) if e.get("image") not in bad]
     images = image_input(cfg, model, examples, split, progress, cache_name=f"{split}_unique") if task.uses_images else None
     texts = generate_texts(model, tokenizer, layout, task, examples, images, beams, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, routes=routes, generated_context=generated_context)
     predictions = {task.example_id(e): t for e, t in zip(examples, texts)}
     metrics = task.score(predictions, examples)
     samples = [{"id": task.example_id(e), **{k: e[k] for k in ("image", "question", "caption", "answer", "answers")

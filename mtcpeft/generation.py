@@ -24,10 +24,13 @@ def left_pad(prompts: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def generate_texts(model, tokenizer, layout, task, examples: list[dict], image_input: Callable[[int], dict] | None = None,
                    beams: int = 1, max_new_tokens: int | None = None, batch_size: int = 16,
-                   progress: bool = False) -> list[str]:
+                   progress: bool = False, routes: torch.Tensor | None = None,
+                   generated_context: str | None = None) -> list[str]:
     """One generated text per example (greedy, or beam search with ``beams`` > 1), in order.
 
-    ``image_input(i)`` gives example i's {"pixel_values"} or {"image_features"} (image tasks only).
+    ``image_input(i)`` gives example i's {"pixel_values"} or {"image_features"} (image tasks only). A unified
+    multi-task model takes ``routes`` (the task's context ids -> its groups, index id + 1) and the group of the
+    generated tokens.
     """
     _, eos, pad = special_ids(tokenizer)
     max_new_tokens = max_new_tokens or layout.max_target_tokens
@@ -38,12 +41,15 @@ def generate_texts(model, tokenizer, layout, task, examples: list[dict], image_i
     for s in tqdm(starts, desc=f"generating ({task.name})", disable=not progress):
         idx = list(range(s, min(s + batch_size, len(examples))))
         batch = left_pad([task.prompt(examples[i], tokenizer, layout) for i in idx], pad)
+        if routes is not None:
+            batch["context_ids"] = routes[batch["context_ids"] + 1]
         batch = {k: v.to(device) for k, v in batch.items()}
         if task.uses_images:
             images = [image_input(i) for i in idx]
             key = next(iter(images[0]))
             batch[key] = torch.stack([im[key] for im in images]).to(device)
-        ids = model.generate(**batch, num_beams=beams, do_sample=False, max_new_tokens=max_new_tokens,
+        extra = {"generated_context": generated_context} if generated_context is not None else {}
+        ids = model.generate(**batch, **extra, num_beams=beams, do_sample=False, max_new_tokens=max_new_tokens,
                              eos_token_id=eos, pad_token_id=pad)
         out += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
     return out

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -56,11 +56,15 @@ def configure_cpu_threads() -> int:
     return threads
 
 
-def make_accelerator(train_cfg, output_dir: str, log: bool = True) -> Accelerator:
-    """gloo when there is no GPU (DeepSpeed's default nccl would fail); seedable sampler for exact resume."""
+def make_accelerator(train_cfg, output_dir: str, log: bool = True, find_unused_parameters: bool = False) -> Accelerator:
+    """gloo when there is no GPU (DeepSpeed's default nccl would fail); seedable sampler for exact resume.
+    ``find_unused_parameters``: DDP tolerates parameters a batch does not reach (the projector in a batch of
+    text-only examples)."""
     configure_cpu_threads()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch / torchrun
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(
         gradient_accumulation_steps=train_cfg.grad_accum,
         mixed_precision=train_cfg.mixed_precision,
@@ -69,6 +73,32 @@ def make_accelerator(train_cfg, output_dir: str, log: bool = True) -> Accelerato
         kwargs_handlers=handlers,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def zero_stage(acc: Accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage this run really uses (None without DeepSpeed)."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else None
+
+
+def trainable_digest(acc: Accelerator, model: torch.nn.Module) -> str:
+    """A hash of this rank's full trainable tensors (ZeRO-3 shards are gathered first): equal on every rank
+    of a correct data-parallel run. Every rank must call it."""
+    import hashlib
+    from contextlib import nullcontext
+
+    params = [(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]
+    gather = nullcontext()
+    if zero_stage(acc) == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+    h = hashlib.sha256()
+    with gather:
+        for n, p in params:
+            h.update(n.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def peak_memory_mb() -> float:
@@ -159,8 +189,12 @@ class Trainer:
             elif done:  # max_steps reached mid-epoch: keep a checkpoint to continue from
                 self.save_checkpoint()
         bar.close()
-        acc.end_training()
         return st
+
+    def finish(self) -> None:
+        """Flush the trackers and end the run (accelerate then also tears down the process group: collective
+        calls such as a final parameter check go before this)."""
+        self.acc.end_training()
 
     def end_epoch(self) -> None:
         st = self.state
@@ -205,8 +239,10 @@ class Trainer:
         tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)  # before any rank writes its shard into it (DeepSpeed: every rank saves)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank's files (shards, RNG states) are in tmp before it is renamed
         if acc.is_main_process:
             write_json(asdict(self.state), tmp / "trainer_state.json")
             if final.exists():
@@ -220,7 +256,8 @@ class Trainer:
         if not (ckpt / "trainer_state.json").is_file():
             self.acc.print(f"no checkpoint in {ckpt}: starting from scratch")
             return
-        self.acc.load_state(str(ckpt), strict=False)
+        # our checkpoints hold the trainable tensors only (strict=False); DeepSpeed saves and loads its own way
+        self.acc.load_state(str(ckpt), **({} if zero_stage(self.acc) is not None else {"strict": False}))
         self.state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
         self.acc.print(f"resumed from {ckpt}: epoch {self.state.epoch + 1}, step {self.state.global_step}")
 

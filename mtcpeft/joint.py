@@ -1,0 +1,110 @@
+"""Joint fine-tuning of a unified plugin (:mod:`mtcpeft.merge`) on mixed-task batches.
+
+Every task encodes its examples with its own contexts; the plugin's routing table maps them, token by token, to
+the unified groups (``vqa.question -> qa.question``), so one batch may hold caption, QA and VQA examples and no
+adapter is ever switched. Text-only rows of a batch that also holds images carry placeholder image inputs that the
+model ignores (only rows with image positions are encoded and projected).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import ConcatDataset, default_collate
+
+from .build import SHARED, build_datasets, config_from_manifest  # noqa: F401  (SHARED: agnostic plugins)
+from .config import ConfigError, load_config
+from .merge import load_unified, projector_tensors, route_map, task_routes
+from .models.lm import load_lm, load_tokenizer
+from .models.projector import Projector
+from .models.vision import build_vision_encoder
+from .models.vlm import VisionLanguageModel
+from .plugin import save_plugin
+
+IMAGE_KEYS = ("image_features", "pixel_values")
+
+
+def build_joint_model(plugin_dir: str | Path, lm: str | None = None, check_base: bool = True):
+    """(VisionLanguageModel over the plugin's groups, tokenizer, manifest): adaptors and projector loaded and
+    trainable, everything else frozen."""
+    from .plugin import load_plugin
+
+    manifest, tensors = load_plugin(plugin_dir)
+    name = lm or manifest["base_lm"]
+    ctx_lm, manifest = load_unified(plugin_dir, load_lm(name), check_base=check_base)
+    encoder = projector = None
+    if manifest.get("vision"):
+        v = manifest["vision"]
+        encoder = build_vision_encoder(v["name"], v["pretrained"], v["image_size"])
+        p = manifest["projector"]
+        projector = Projector(p["in_dim"], p["out_dim"], p["kind"])
+        projector.load_state_dict(projector_tensors(tensors))
+    return VisionLanguageModel(ctx_lm, projector, encoder), load_tokenizer(name), manifest
+
+
+def routed_tasks(manifest: dict) -> list[str]:
+    return list(task_routes(manifest))
+
+
+def task_data_config(task_name: str, joint_cfg, config_dir: str | Path, overrides: dict[str, str] | None = None):
+    """A task's data section: ``configs/<task>_offline.yaml`` (or ``overrides[task]``, a YAML path) with the joint
+    run's layout and limits (one seq_len for every task: the rows of a mixed batch are stacked)."""
+    path = (overrides or {}).get(task_name) or Path(config_dir) / f"{task_name}_offline.yaml"
+    if not Path(path).is_file():
+        raise ConfigError(f"no data config for task {task_name!r}: {path} does not exist; pass --data "
+                          f"{task_name}=FILE.yaml")
+    cfg = load_config(path)
+    cfg.task, cfg.output_dir = task_name, joint_cfg.output_dir
+    cfg.model, cfg.adaptor = joint_cfg.model, joint_cfg.adaptor
+    for key in ("seq_len", "max_target_tokens", "train_limit", "val_limit", "augment", "cache_features"):
+        setattr(cfg.data, key, getattr(joint_cfg.data, key))
+    return cfg
+
+
+def joint_datasets(joint_cfg, tasks: list, model: VisionLanguageModel, tokenizer, manifest: dict, config_dir,
+                   data_overrides: dict[str, str] | None = None, progress: bool = True):
+    """{"train": ConcatDataset of every task, "val": {task: dataset}, "reports": {task: {split: DataReport}},
+    "layouts": {task: SequenceLayout}}; each task's context ids routed to the plugin's groups."""
+    from tasks.base import SequenceLayout
+
+    T = model.encoder.num_tokens if model.encoder is not None else 0
+    train, val, reports, layouts = [], {}, {}, {}
+    for task in tasks:
+        if task.uses_images and model.encoder is None:
+            raise ConfigError(f"task {task.name!r} needs images but the plugin has no vision encoder/projector; merge "
+                              "in a plugin of an image task (e.g. caption)")
+        cfg = task_data_config(task.name, joint_cfg, config_dir, data_overrides)
+        layout = SequenceLayout(T if task.uses_images else 0, cfg.data.seq_len, cfg.data.max_target_tokens)
+        routes = route_map(manifest, task.name, task.contexts)
+        data = build_datasets(cfg, task, model, tokenizer, layout, progress=progress, routes=routes)
+        train.append(data["train"][0])
+        val[task.name] = data["val"][0]
+        reports[task.name] = {s: r for s, (_, r) in data.items()}
+        layouts[task.name] = layout
+    return {"train": ConcatDataset(train), "val": val, "reports": reports, "layouts": layouts}
+
+
+def mixed_collate(items: list[dict]) -> dict:
+    """Stack a mixed-task batch: rows without images get zero placeholders of the image rows' shape."""
+    for key in IMAGE_KEYS:
+        have = [it[key] for it in items if key in it]
+        if have and len(have) < len(items):
+            blank = torch.zeros_like(have[0])
+            items = [it if key in it else {**it, key: blank} for it in items]
+    return default_collate(items)
+
+
+def generated_group(manifest: dict, task) -> str:
+    """The unified group of a task's generated tokens (its route of ``task.generated_context``)."""
+    return manifest["routes"][task.name][task.generated_context]
+
+
+def save_joint_plugin(model: VisionLanguageModel, manifest: dict, out_dir: str | Path, tasks: list[str],
+                      state: dict[str, torch.Tensor] | None = None) -> Path:
+    """The unified plugin with the jointly trained tensors (same groups, routes and layout of names)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = state if state is not None else dict(model.named_parameters())
+    tensors = {n: t.detach().contiguous() for n, t in state.items() if n in trainable}
+    keep = {k: v for k, v in manifest.items() if k not in ("format_version", "tensors")}
+    keep["joint"] = {"tasks": tasks, "from": manifest.get("joint", {}).get("from", manifest.get("task"))}
+    return save_plugin(out_dir, keep, tensors)
