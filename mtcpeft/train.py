@@ -193,7 +193,12 @@ class Trainer:
 
     def finish(self) -> None:
         """Flush the trackers and end the run (accelerate then also tears down the process group: collective
-        calls such as a final parameter check go before this)."""
+        calls such as a final parameter check go before this). A DeepSpeed engine is destroyed first, on every
+        rank at once: its ZeRO-3 hooks and optimizer hold communication state that must not outlive the group."""
+        self.acc.wait_for_everyone()
+        wrapped = getattr(self.acc, "deepspeed_engine_wrapped", None)
+        if wrapped is not None and hasattr(wrapped.engine, "destroy"):
+            wrapped.engine.destroy()
         self.acc.end_training()
 
     def end_epoch(self) -> None:
