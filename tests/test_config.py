@@ -13,7 +13,9 @@ from mtcpeft.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_CONFIGS = sorted(p for p in ROOT.glob("configs/**/*.yaml") if "accelerate" not in p.parts)
+# run configs (RunConfig YAML); accelerate configs, sweep specs and merge specs have their own formats and tests
+RUN_CONFIGS = sorted(p for p in ROOT.glob("configs/**/*.yaml")
+                     if not {"accelerate", "sweeps"} & set(p.parts) and not p.name.startswith("merge_"))
 ACCELERATE_CONFIGS = sorted(ROOT.glob("configs/accelerate/*.yaml"))
 
 
