@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, default_collate
 
-from .build import SHARED, build_datasets, config_from_manifest  # noqa: F401  (SHARED: agnostic plugins)
+from .build import build_datasets
 from .config import ConfigError, load_config
 from .merge import load_unified, projector_tensors, route_map, task_routes
 from .models.lm import load_lm, load_tokenizer
