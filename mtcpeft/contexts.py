@@ -9,8 +9,9 @@ The routing plan is computed ONCE per forward from ``context_ids`` (B, S) and re
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -145,30 +146,52 @@ def build_plan(context_ids: torch.Tensor, num_contexts: int) -> RoutingPlan:
 
 
 class Router:
-    """Holds the current routing plan for every adapted layer of one model (a plain object, not a module).
+    """Holds the routing plan of the forward in progress for every adapted layer of one model (a plain object,
+    not a module).
 
-    The plan stays set after a forward so that gradient checkpointing recomputes activations with the same
-    routing; every new forward of :class:`mtcpeft.model.ContextModel` replaces it, and each layer checks that
-    the plan was built for as many tokens as it sees, so a stale plan cannot be used silently.
+    A plan belongs to its forward: :meth:`active` installs it for the duration of one call and restores what was
+    there before, so no plan outlives its forward. Recomputation under activation checkpointing runs after the
+    forward has ended; :meth:`checkpoint_context` captures the plan of the forward being checkpointed and
+    re-installs exactly that plan while the segment is recomputed, whatever ran in between. A layer called with no
+    plan installed raises, and each layer checks that the plan covers as many tokens as it sees.
     """
 
     def __init__(self, num_contexts: int):
         self.num_contexts = num_contexts
         self.plan: RoutingPlan | None = None
 
+    def build(self, context_ids: torch.Tensor) -> RoutingPlan:
+        return build_plan(context_ids, self.num_contexts)
+
+    @contextmanager
+    def active(self, plan: RoutingPlan | None) -> Iterator[RoutingPlan | None]:
+        """Install ``plan`` for the block (one forward, or one recomputation), then restore the previous one."""
+        previous, self.plan = self.plan, plan
+        try:
+            yield plan
+        finally:
+            self.plan = previous
+
     def route(self, context_ids: torch.Tensor) -> RoutingPlan:
-        self.plan = build_plan(context_ids, self.num_contexts)
+        """Set a plan with no end (layer-level tests and benchmarks only; models use :meth:`active`)."""
+        self.plan = self.build(context_ids)
         return self.plan
 
     def clear(self) -> None:
         self.plan = None
+
+    def checkpoint_context(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """A ``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): called when a segment runs forward, it
+        returns (nothing for the forward, re-install this forward's plan for the recomputation)."""
+        return nullcontext(), self.active(self.plan)
 
     def plan_for(self, num_tokens: int, where: str) -> RoutingPlan:
         plan = self.plan
         if plan is None:
             raise ContextIdsError(
                 f"{where} has no routing plan: call the model through mtcpeft.ContextModel with context_ids "
-                "(or inside `with model.routing(context_ids):`)"
+                "(or inside `with model.routing(context_ids):`); for activation checkpointing use "
+                "ContextModel.gradient_checkpointing_enable(), which carries each forward's plan to its recomputation"
             )
         if plan.num_tokens != num_tokens:
             raise ContextIdsError(

@@ -24,6 +24,52 @@ class AdaptorStateError(ValueError):
     """An adaptor state does not fit this model (names, shapes, contexts or kind differ)."""
 
 
+# generate() options under which a step may feed tokens that are later taken back (assisted decoding)
+_SPECULATIVE = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+class GenerationRouting:
+    """Where the tokens of each forward of one ``generate`` call sit, kept by mtcpeft itself.
+
+    Every step of decoding appends one token to each row. With the KV cache a step feeds only the positions the
+    cache does not hold yet, so they continue from a counter of positions fed so far; without the cache every step
+    feeds the whole sequence from position 0. Nothing is read from transformers' keyword arguments for the cache,
+    whose names change between releases. As a cross-check, a 2-D ``attention_mask`` (a public input every version
+    passes, one column per position so far) must end where the step ends; if not, generation stops with an error
+    instead of routing tokens to the wrong contexts.
+
+    prompt: (B, P) context ids of the prompt (-1 for padding); generated: the context id of new tokens.
+    """
+
+    def __init__(self, prompt: torch.Tensor, generated: int, cached: bool):
+        self.prompt, self.generated, self.cached = prompt, generated, cached
+        self.fed = 0  # positions already in the cache
+
+    def step(self, batch: int, seq: int, attention_mask=None) -> torch.Tensor:
+        """(batch, seq) context ids of the tokens of this forward."""
+        start = self.fed if self.cached else 0
+        end = start + seq
+        if self.cached:
+            self.fed = end
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[1] != end:
+            raise ContextIdsError(
+                f"generation step feeds {seq} tokens that mtcpeft places at positions {start}..{end - 1} "
+                f"({'with' if self.cached else 'without'} KV cache), but the attention mask covers "
+                f"{attention_mask.shape[1]} positions: this transformers version decodes in a way ContextModel "
+                "cannot route; pass use_cache explicitly or use a transformers version listed in pyproject.toml"
+            )
+        prompt = self.prompt
+        if batch != prompt.shape[0]:  # beam search / num_return_sequences repeat each row
+            if batch % prompt.shape[0]:
+                raise ContextIdsError(f"generation step has {batch} rows for a prompt of {prompt.shape[0]}")
+            prompt = prompt.repeat_interleave(batch // prompt.shape[0], dim=0)
+        pos = torch.arange(start, end, device=prompt.device)
+        ctx = torch.full((batch, seq), self.generated, dtype=torch.long, device=prompt.device)
+        in_prompt = pos < prompt.shape[1]
+        ctx[:, in_prompt] = prompt[:, pos[in_prompt]]
+        return ctx
+
+
 class ContextModel(nn.Module):
     """Wraps an unmodified causal LM; adaptors are injected in place and everything else is frozen.
 
@@ -50,8 +96,9 @@ class ContextModel(nn.Module):
         self.router = Router(len(self.vocab))
         self.target_names = inject(model, self.adaptor, self.router, targets)
         self.generated_context = None if generated_context is None else self.vocab.id(generated_context)
-        self._generation: tuple[torch.Tensor, int] | None = None
+        self._generation: GenerationRouting | None = None
         model.register_forward_pre_hook(self._route_generation_step, with_kwargs=True)
+        model.register_forward_hook(self._end_generation_step, with_kwargs=True, always_call=True)
 
     # ----------------------------------------------------------------------------------------------- routing
     def _context_ids(self, context_ids: torch.Tensor | None, shape: torch.Size, device) -> torch.Tensor:
@@ -74,24 +121,25 @@ class ContextModel(nn.Module):
 
     @contextmanager
     def routing(self, context_ids: torch.Tensor) -> Iterator[None]:
-        """Route calls made directly on ``self.model`` inside the block (advanced use)."""
-        self.router.route(context_ids)
-        try:
+        """Route calls made directly on ``self.model`` inside the block (advanced use); no routing outside it."""
+        with self.router.active(self.router.build(context_ids)):
             yield
-        finally:
-            self.router.clear()
 
     def forward(self, input_ids=None, context_ids=None, inputs_embeds=None, **kwargs):
-        """Hugging Face forward plus ``context_ids`` (B, S) long: ids of ``self.vocab``, -1 = no adaptor."""
+        """Hugging Face forward plus ``context_ids`` (B, S) long: ids of ``self.vocab``, -1 = no adaptor.
+
+        The routing plan lives exactly as long as this call (and is carried to its recomputation under activation
+        checkpointing by :meth:`gradient_checkpointing_enable`)."""
         shape, device = self._token_shape(input_ids, inputs_embeds)
-        self.router.route(self._context_ids(context_ids, shape, device))
-        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        with self.router.active(self.router.build(self._context_ids(context_ids, shape, device))):
+            return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids=None, context_ids=None, generated_context: str | int | None = None, **kwargs):
         """``model.generate`` where prompt tokens take ``context_ids`` and new tokens ``generated_context``.
 
-        Works with and without the KV cache and with beam search (prompt contexts follow the beam expansion).
+        Right for greedy, sampling, beam search and ``num_return_sequences``, with left padding, with and without
+        the KV cache: each step's tokens are placed by :class:`GenerationRouting`, state kept here for this call.
         """
         gen = generated_context if generated_context is not None else self.generated_context
         if gen is None:
@@ -99,9 +147,15 @@ class ContextModel(nn.Module):
                 "generate needs the context of generated tokens: pass generated_context='<name>' or build the "
                 f"ContextModel with generated_context=...; contexts are {list(self.vocab.names)}"
             )
+        unsupported = sorted(k for k in _SPECULATIVE if kwargs.get(k) is not None)
+        if unsupported:
+            raise ValueError(f"generate with {unsupported} (speculative decoding) is not supported by ContextModel: "
+                             "it rewinds steps, so tokens could not be routed to their contexts; drop the option")
         shape, device = self._token_shape(input_ids, kwargs.get("inputs_embeds"))
         prompt = self._context_ids(context_ids, shape, device).long()
-        self._generation = (prompt, self.vocab.id(gen))
+        config = kwargs.get("generation_config") or self.model.generation_config
+        cached = kwargs.get("use_cache", getattr(config, "use_cache", True))
+        self._generation = GenerationRouting(prompt, self.vocab.id(gen), cached=bool(cached))
         try:
             return self.model.generate(input_ids=input_ids, **kwargs)
         finally:
@@ -109,32 +163,31 @@ class ContextModel(nn.Module):
             self.router.clear()
 
     def _route_generation_step(self, module, args, kwargs):
-        """Pre-forward hook on the LM: during generate, route the tokens of this step by their positions."""
+        """Pre-forward hook on the LM: during generate, route the tokens of this step (ends with the step)."""
         if self._generation is None:
             return None
-        prompt, gen = self._generation
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"]
-        batch, seq = tokens.shape[:2]
-        pos = kwargs.get("cache_position")
-        if pos is None:
-            past = kwargs.get("past_key_values")
-            start = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-            pos = torch.arange(start, start + seq, device=prompt.device)
-        if batch != prompt.shape[0]:  # beam search / num_return_sequences expand the batch
-            prompt = prompt.repeat_interleave(batch // prompt.shape[0], dim=0)
-        ctx = torch.full((batch, seq), gen, dtype=torch.long, device=prompt.device)
-        in_prompt = pos < prompt.shape[1]
-        ctx[:, in_prompt] = prompt[:, pos[in_prompt]]
-        self.router.route(ctx)
+        ctx = self._generation.step(tokens.shape[0], tokens.shape[1], kwargs.get("attention_mask"))
+        self.router.plan = self.router.build(ctx)
+        return None
+
+    def _end_generation_step(self, module, args, kwargs, output):
+        if self._generation is not None:
+            self.router.clear()  # no plan outlives its step
         return None
 
     # ------------------------------------------------------------------------------------ training helpers
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Non-reentrant checkpointing by default: recomputed layers read the same (kept) routing plan."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        if hasattr(self.model, "activation_checkpointing_enable"):  # the transformers >= 5 name
+        """Non-reentrant activation checkpointing whose recomputation re-installs the routing plan of the forward
+        it recomputes (captured by the checkpoint's ``context_fn``), whatever forwards ran in between."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"] or "context_fn" in kwargs:
+            raise ValueError("ContextModel checkpoints with use_reentrant=False and its own context_fn (it carries "
+                             "each forward's routing plan to the recomputation); drop use_reentrant/context_fn")
+        kwargs["context_fn"] = self.router.checkpoint_context
+        if hasattr(self.model, "activation_checkpointing_enable"):  # the transformers >= 5.x name
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

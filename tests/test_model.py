@@ -147,8 +147,14 @@ def test_routing_is_never_stale_across_calls():
     fresh = copy.deepcopy(m)
     assert torch.equal(second, fresh(ids, context_ids=ctx2).logits)
     assert not torch.allclose(first, second)
-    with pytest.raises(ContextIdsError, match="stale|tokens"):  # direct call with another length
-        m.model(ids[:, :5])
+    assert m.router.plan is None  # a plan belongs to its forward: nothing is left behind
+    for direct in (ids, ids[:, :5]):  # the wrapped LM called outside a routed forward, same shape or not
+        with pytest.raises(ContextIdsError, match="no routing plan"):
+            m.model(direct)
+    with m.routing(ctx2):  # the explicit block routes direct calls, and only inside it
+        torch.testing.assert_close(m.model(ids).logits, second)
+    with pytest.raises(ContextIdsError, match="no routing plan"):
+        m.model(ids)
     with pytest.raises(ContextIdsError, match="context_ids is required"):
         m(ids)
 

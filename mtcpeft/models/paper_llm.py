@@ -20,7 +20,7 @@ Architecture (defaults of :class:`PaperLLMConfig`):
   trainable matrix and "full fine-tuning" means every LM weight except the input embeddings.
   ``tie_word_embeddings=True`` ties them (and then freezes both when ``freeze_embeddings`` is set).
 
-Hugging Face semantics: ``forward(input_ids | inputs_embeds, attention_mask, position_ids, past_key_values,
+Hugging Face semantics: ``forward(input_ids | inputs_embeds, attention_mask, position_ids, cache (or past_key_values),
 use_cache, labels, logits_to_keep)`` with a :class:`~transformers.DynamicCache`, ``generate()`` (greedy, beam,
 sampling), gradient checkpointing, and ``output_attentions=True`` returning per-layer attention weights
 (B, heads, S_q, S_kv): such a call always runs eager attention, whatever ``attn_implementation`` says, because
@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import inspect
 from typing import Callable
 
 import torch
@@ -60,6 +62,11 @@ from transformers.utils.output_capturing import capture_outputs
 MODEL_TYPE = "context_peft_llm"
 NAME = "paper-llm"  # the short name launch scripts accept
 
+# The KV cache's name in model outputs and layer calls: "cache" from transformers 5.24 on, "past_key_values" before.
+# Read from the public output dataclass and mask function of the installed release, not assumed.
+CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+_MASK_CACHE = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
 
 # -------------------------------------------------------------------------------------------------- config
 @strict
@@ -71,7 +78,7 @@ class PaperLLMConfig(PreTrainedConfig):
     """
 
     model_type = MODEL_TYPE
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE]
 
     vocab_size: int = 50272  # OPT-125m's embedding rows
     hidden_size: int = 768
@@ -143,7 +150,7 @@ class PaperLLMAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
@@ -152,8 +159,8 @@ class PaperLLMAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, Hkv, S_past + S, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, S_past + S, hd)
         attention: Callable = eager_attention_forward
         if not kwargs.get("output_attentions"):  # the weights exist only in the eager kernel
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -198,12 +205,13 @@ class PaperLLMDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """The cache comes as ``kwargs[CACHE]``: under activation checkpointing transformers drops it by that name."""
         p = self.config.residual_dropout if self.training else 0.0  # read per call: settable on a built model
+        cache = kwargs.pop(CACHE, None)
         attn, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
         )
         hidden_states = hidden_states + F.dropout(attn, p, self.training)
         return hidden_states + F.dropout(self.mlp(self.post_attention_layernorm(hidden_states)), p, self.training)
@@ -215,7 +223,7 @@ class PaperLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PaperLLMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -260,19 +268,22 @@ class PaperLLMModel(PaperLLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache_position: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """``position_ids`` (B, S) win; else ``cache_position`` (S,) (absolute positions of these tokens, the
-        transformers 4 convention); else positions continue after what the cache holds."""
+        """The KV cache comes as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier releases).
+        ``position_ids`` (B, S) win; else ``cache_position`` (S,) (absolute positions of these tokens, passed by
+        earlier releases); else positions continue after what the cache holds."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, D)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
             if cache_position is None:
-                past = past_key_values.get_seq_length() if past_key_values is not None else 0
+                past = cache.get_seq_length() if cache is not None else 0
                 cache_position = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = cache_position.unsqueeze(0)
         mask_config = self.config
@@ -281,16 +292,16 @@ class PaperLLMModel(PaperLLMPreTrainedModel):
             mask_config._attn_implementation = "eager"
         mask = create_causal_mask(
             config=mask_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids,
+            position_ids=position_ids, **{_MASK_CACHE: cache},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)  # cos, sin (B, S, hd)
         for layer in self.layers:
             hidden_states = layer(
-                hidden_states, position_embeddings, attention_mask=mask, past_key_values=past_key_values,
-                position_ids=position_ids, **kwargs,
+                hidden_states, position_embeddings, attention_mask=mask, position_ids=position_ids,
+                **{CACHE: cache}, **kwargs,
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE: cache})
 
 
 class PaperLLMForCausalLM(PaperLLMPreTrainedModel, GenerationMixin):
@@ -318,20 +329,23 @@ class PaperLLMForCausalLM(PaperLLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """``logits_to_keep``: 0 = logits for every position, n = for the last n, a tensor = those positions."""
+        """``logits_to_keep``: 0 = logits for every position, n = for the last n, a tensor = those positions.
+        The KV cache comes as ``cache`` or ``past_key_values`` (whichever the installed transformers passes)."""
         out: BaseModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))  # (B, S', V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-            attentions=out.attentions,
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+            **{CACHE: getattr(out, CACHE)},
         )
 
 
