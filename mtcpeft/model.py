@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -38,11 +38,16 @@ class GenerationRouting:
     passes, one column per position so far) must end where the step ends; if not, generation stops with an error
     instead of routing tokens to the wrong contexts.
 
-    prompt: (B, P) context ids of the prompt (-1 for padding); generated: the context id of new tokens.
+    prompt: (B, P) context ids of the prompt (-1 for padding); generated: the context id of new tokens, one for
+    every row or (B,) one per row (a mixed-task batch: each row generates in its own task's context).
     """
 
-    def __init__(self, prompt: torch.Tensor, generated: int, cached: bool):
-        self.prompt, self.generated, self.cached = prompt, generated, cached
+    def __init__(self, prompt: torch.Tensor, generated: int | torch.Tensor, cached: bool):
+        self.prompt, self.cached = prompt, cached
+        self.generated = torch.as_tensor(generated, dtype=torch.long, device=prompt.device).reshape(-1, 1)
+        if self.generated.shape[0] not in (1, prompt.shape[0]):
+            raise ContextIdsError(f"{self.generated.shape[0]} generated contexts for {prompt.shape[0]} prompts: "
+                                  "give one, or one per row")
         self.fed = 0  # positions already in the cache
 
     def step(self, batch: int, seq: int, attention_mask=None) -> torch.Tensor:
@@ -58,13 +63,15 @@ class GenerationRouting:
                 f"{attention_mask.shape[1]} positions: this transformers version decodes in a way ContextModel "
                 "cannot route; pass use_cache explicitly or use a transformers version listed in pyproject.toml"
             )
-        prompt = self.prompt
+        prompt, gen = self.prompt, self.generated
         if batch != prompt.shape[0]:  # beam search / num_return_sequences repeat each row
             if batch % prompt.shape[0]:
                 raise ContextIdsError(f"generation step has {batch} rows for a prompt of {prompt.shape[0]}")
-            prompt = prompt.repeat_interleave(batch // prompt.shape[0], dim=0)
+            rep = batch // prompt.shape[0]
+            prompt = prompt.repeat_interleave(rep, dim=0)
+            gen = gen.repeat_interleave(rep, dim=0) if gen.shape[0] > 1 else gen
         pos = torch.arange(start, end, device=prompt.device)
-        ctx = torch.full((batch, seq), self.generated, dtype=torch.long, device=prompt.device)
+        ctx = gen.expand(batch, seq).clone()
         in_prompt = pos < prompt.shape[1]
         ctx[:, in_prompt] = prompt[:, pos[in_prompt]]
         return ctx
@@ -135,8 +142,10 @@ class ContextModel(nn.Module):
             return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, context_ids=None, generated_context: str | int | None = None, **kwargs):
-        """``model.generate`` where prompt tokens take ``context_ids`` and new tokens ``generated_context``.
+    def generate(self, input_ids=None, context_ids=None,
+                 generated_context: str | int | Sequence[str | int] | None = None, **kwargs):
+        """``model.generate`` where prompt tokens take ``context_ids`` and new tokens ``generated_context``: one
+        context for every row, or a list with one per row (rows of different tasks in one batch).
 
         Right for greedy, sampling, beam search and ``num_return_sequences``, with left padding, with and without
         the KV cache: each step's tokens are placed by :class:`GenerationRouting`, state kept here for this call.
@@ -155,7 +164,8 @@ class ContextModel(nn.Module):
         prompt = self._context_ids(context_ids, shape, device).long()
         config = kwargs.get("generation_config") or self.model.generation_config
         cached = kwargs.get("use_cache", getattr(config, "use_cache", True))
-        self._generation = GenerationRouting(prompt, self.vocab.id(gen), cached=bool(cached))
+        gen_ids = self.vocab.id(gen) if isinstance(gen, (str, int)) else self.vocab.ids(list(gen))
+        self._generation = GenerationRouting(prompt, gen_ids, cached=bool(cached))
         try:
             return self.model.generate(input_ids=input_ids, **kwargs)
         finally:

@@ -192,3 +192,21 @@ def test_no_plan_outlives_its_forward():
         m.model(ids)
     with pytest.raises(ValueError, match="use_reentrant"):
         m.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("beams", [1, 2])
+def test_rows_generating_in_different_contexts_equal_each_row_alone(use_cache, beams):
+    """A mixed-task batch: each row names the context of its own new tokens."""
+    m = build("llama", "lora", seed=9)
+    ids, ctx = prompt(b=3, s=6, seed=10)
+    gens = ["answer", "image", "question"]
+    common = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=use_cache, num_beams=beams,
+                  attention_mask=torch.ones(1, 6, dtype=torch.long))
+    together = m.generate(ids, context_ids=ctx, generated_context=gens,
+                          **{**common, "attention_mask": torch.ones_like(ids)})
+    for i, g in enumerate(gens):
+        alone = m.generate(ids[i:i + 1], context_ids=ctx[i:i + 1], generated_context=g, **common)
+        assert torch.equal(together[i], alone[0]), g
+    with pytest.raises(ContextIdsError, match="generated contexts for 3 prompts"):
+        m.generate(ids, context_ids=ctx, generated_context=["answer", "image"], max_new_tokens=2)
