@@ -6,6 +6,7 @@
 The folder (adapter_config.json + adapter_model.safetensors) loads with
 ``peft.PeftModel.from_pretrained(base_lm, DIR)`` and computes what the plugin's model computes when every token
 takes that context (see mtcpeft/interop.py). The projector of an image plugin is not part of a PEFT adapter.
+An existing --out is replaced only if it holds a PEFT adapter and --overwrite is given.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.interop import export_peft  # noqa: E402
+from mtcpeft.interop import PEFT_CONFIG, PEFT_WEIGHTS, export_peft  # noqa: E402
+from mtcpeft.io import check_output_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -27,7 +29,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--context", required=True, help="the context group to export, e.g. text or qa.answer")
     ap.add_argument("--out", required=True, help="output PEFT adapter folder")
     ap.add_argument("--base-model", help="base_model_name_or_path to record (default: the plugin's base_lm)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the PEFT adapter already in --out")
     args = ap.parse_args(argv)
+    check_output_dir(args.out, (PEFT_CONFIG, PEFT_WEIGHTS), overwrite=args.overwrite, what="PEFT adapter")
     out = export_peft(args.plugin, args.context, args.out, base_model_name_or_path=args.base_model)
     print(f"PEFT adapter: {out} (context {args.context!r} of {args.plugin})")
     return out

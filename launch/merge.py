@@ -13,7 +13,9 @@ builds a new group with ``--strategy`` average | ties (``--density``) | concat (
 default) allows one group per route. ``--projector TASK`` picks the projector when two plugins carry
 different ones. A YAML spec holds the same keys (plugins: {name: dir}, routes: {task.context: groups} or a
 list of "task.context=groups", strategy, density, projector, generated, task, out); command-line flags add to
-or override it. The unified plugin is written atomically; see mtcpeft/merge.py for the manifest.
+or override it. The unified plugin is written atomically; see mtcpeft/merge.py for the manifest. An existing
+--out is replaced only if it holds a plugin and --overwrite is given, never if it is one of the sources or
+holds other files.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ if str(ROOT) not in sys.path:
 import yaml  # noqa: E402
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.merge import STRATEGIES, MergeError, merge_to_dir  # noqa: E402
+from mtcpeft.io import check_output_dir  # noqa: E402
+from mtcpeft.merge import STRATEGIES, MergeError, check_not_a_source, merge_to_dir  # noqa: E402
+from mtcpeft.plugin import MANIFEST, TENSORS  # noqa: E402
 
 SPEC_KEYS = ("plugins", "routes", "strategy", "density", "projector", "generated", "task", "out")
 
@@ -68,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the context of generated tokens of a downstream task; repeat")
     ap.add_argument("--task", help="name of the unified plugin (default 'unified')")
     ap.add_argument("--out", help="output plugin directory")
+    ap.add_argument("--overwrite", action="store_true", help="replace the plugin already in --out")
     return ap.parse_args(argv)
 
 
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
         "density": args.density if args.density is not None else spec.get("density", 0.2),
         "generated": spec.get("generated", []) + args.generated,
     }
+    check_not_a_source(out, plugins)  # before any plugin is loaded, and even with --overwrite
+    check_output_dir(out, (MANIFEST, TENSORS), overwrite=args.overwrite, what="plugin")
     path, manifest = merge_to_dir(out, plugins, routes, **options)
     print(f"unified plugin: {path}")
     print(f"contexts: {', '.join(manifest['contexts'])}  ({manifest['adaptor']['kind']}"

@@ -9,11 +9,13 @@ table (no adapter switching). Each task's data section comes from configs/<task>
 TASK=FILE.yaml) with the joint run's layout and limits (configs/joint_offline.yaml, or --config, and dotted
 overrides). Validation perplexity is reported per task; after training, each task's generation metric on
 --eval-limit validation examples. Output: plugin/ (the unified plugin, best epoch), checkpoint/ (resumable:
-train.resume=true), results.json, config.yaml, tb/. On CPU: see configs/accelerate/*.yaml for the launch routes.
+train.resume=true), results.json, config.yaml, tb/; an output_dir holding a previous run is refused unless
+resumed or replaced (--overwrite). On CPU: see configs/accelerate/*.yaml for the launch routes.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,9 +26,9 @@ if str(ROOT) not in sys.path:
 from accelerate.utils import set_seed  # noqa: E402
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.config import ConfigError, load_config, save_config  # noqa: E402
+from mtcpeft.config import ConfigError, load_config  # noqa: E402
 from mtcpeft.evaluate import evaluate_task  # noqa: E402
-from mtcpeft.io import write_json  # noqa: E402
+from mtcpeft.io import UnsafeWriteError, prepare_run_dir, write_json  # noqa: E402
 from mtcpeft.joint import (build_joint_model, generated_group, joint_datasets, mixed_collate, routed_tasks,  # noqa: E402
                            save_joint_plugin, task_data_config)
 from mtcpeft.merge import route_map  # noqa: E402
@@ -53,12 +55,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-limit", type=int, default=200, help="validation examples per task for generation "
                     "metrics after training (0: skip)")
     ap.add_argument("--lm", help="load the base LM from here instead of the plugin's base_lm")
+    ap.add_argument("--overwrite", action="store_true", help="replace the previous run in output_dir (its plugin, "
+                    "checkpoint and results; other files are kept)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 train.max_steps=100")
     args = ap.parse_args(argv)
     cfg = load_config(args.config or ROOT / "configs" / "joint_offline.yaml", args.overrides)
     cfg.task = "joint"
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     tasks = [get_task(n) for n in names]
+    out = Path(cfg.output_dir)
+    if args.overwrite and out.resolve() in Path(args.plugin).resolve().parents:
+        raise UnsafeWriteError(f"--plugin {args.plugin} lies inside output_dir {out}, which --overwrite clears; "
+                               "copy the plugin elsewhere or choose another output_dir")
+    # before anything is built: a bad output_dir must not cost a model load and an encoding of every image
+    prepare_run_dir(out, resume=cfg.train.resume, overwrite=args.overwrite,
+                    check_only=os.environ.get("RANK", "0") != "0")
 
     set_seed(cfg.seed)
     configure_cpu_threads()
@@ -75,9 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
     for name, reports in data["reports"].items():
         for split, report in reports.items():
             acc.print(f"[{name}] {report.summary(split)}")
-    out = Path(cfg.output_dir)
-    if acc.is_main_process:
-        save_config(cfg, out / "config.yaml")
 
     def save_best(trainer: Trainer) -> None:
         state = trainer.acc.get_state_dict(trainer.model)  # gathers ZeRO-3 shards; every rank must call it
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"(final model, {ev['predictions']} validation predictions)")
     if acc.is_main_process:
         write_json(results, out / "results.json")
-        acc.print(f"best epoch {state.best_epoch}: val perplexity {state.best_val_ppl:.3f}; plugin: {out / 'plugin'}")
+        acc.print(f"best epoch {state.best_epoch}: val perplexity {state.best_val_ppl:.3f}; plugin: {out / 'plugin'}"
+                  if state.best_val_ppl is not None else "no validation: no plugin written")
     return results
 
 

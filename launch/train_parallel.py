@@ -16,7 +16,8 @@ Writes <out>/<run>/ (checkpoint, plugin/, results.json), <out>/<run>.log (the ru
 <out>/summary.json; prints one status line per run while they train, then a table. A failed run is reported
 with the tail of its log and leaves the others running; the exit status is 1 if any run failed, 130 after
 Ctrl-C (which stops every run). The same command with `-- train.resume=true` continues interrupted runs from
-their checkpoints.
+their checkpoints; a run directory that holds a previous run is refused before anything starts unless the runs
+resume it or --overwrite replaces it.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--status-every", type=float, default=30.0, metavar="S",
                     help="seconds between status lines when the output is not a terminal (default 30)")
     ap.add_argument("--dry-run", action="store_true", help="print each run's devices and command; start nothing")
+    ap.add_argument("--overwrite", action="store_true", help="each run replaces the previous run in its directory")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --), e.g. train.epochs=1")
     args = ap.parse_intermixed_args(argv)  # key=value may also come before or between the options
     misplaced = [o for o in args.overrides if o.startswith("-")]
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         specs = parse_runs(args.tasks, TASKS.names())
         devices = detect_devices()
         plans = plan_runs(specs, devices, args.out, per_task=args.devices_per_task, launcher=args.launcher,
-                          config_dir=args.config_dir, common=args.overrides, sets=args.sets)
+                          config_dir=args.config_dir, common=args.overrides, sets=args.sets, overwrite=args.overwrite)
         check_configs(plans)
     except ParallelPlanError as e:  # the message names the fix
         print(f"error: {e}", file=sys.stderr)

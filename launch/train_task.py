@@ -6,12 +6,14 @@
     accelerate launch launch/train_task.py --task caption train.resume=true   # continue an interrupted run
 
 Positional ``key=value`` arguments override the YAML (``train.lr=3e-4``). Output directory: checkpoint/
-(atomic, resumable), plugin/ (adaptor.safetensors + plugin.json of the best-validation epoch), config.yaml,
-results.json and tensorboard events under tb/.
+(atomic, resumable), plugin/ (adaptor.safetensors + plugin.json of the best validation), config.yaml,
+results.json and tensorboard events under tb/. An output_dir that holds a previous run is refused unless the
+run resumes it (train.resume=true) or replaces it (--overwrite; files mtcpeft did not write are kept).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from accelerate.utils import set_seed  # noqa: E402
 
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.build import build_task_model, build_datasets, task_plugin  # noqa: E402
-from mtcpeft.config import load_config, save_config  # noqa: E402
-from mtcpeft.io import write_json  # noqa: E402
+from mtcpeft.config import load_config  # noqa: E402
+from mtcpeft.io import prepare_run_dir, write_json  # noqa: E402
 from mtcpeft.train import Trainer, configure_cpu_threads, make_accelerator  # noqa: E402
 from tasks import TASKS, get_task  # noqa: E402
 
@@ -38,11 +40,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", required=True, help=f"registered task: {', '.join(TASKS.names())}")
     ap.add_argument("--config", help="YAML config (default: configs/<task>_offline.yaml)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the previous run in output_dir (its plugin, "
+                    "checkpoint and results; other files are kept)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 adaptor.kind=bitfit")
     args = ap.parse_args(argv)
     task = get_task(args.task)
     cfg = load_config(args.config or default_config(args.task), args.overrides)
     cfg.task = task.name
+    # before anything is built: a bad output_dir must not cost a model load and an encoding of every image
+    prepare_run_dir(cfg.output_dir, resume=cfg.train.resume, overwrite=args.overwrite,
+                    check_only=os.environ.get("RANK", "0") != "0")
 
     set_seed(cfg.seed)  # the model's trainable initialisation (projector, LoRA A) is part of the run's seed
     configure_cpu_threads()
@@ -54,8 +61,6 @@ def main(argv: list[str] | None = None) -> dict:
     for split, (_, report) in data.items():
         acc.print(report.summary(split))
     out = Path(cfg.output_dir)
-    if acc.is_main_process:
-        save_config(cfg, out / "config.yaml")
 
     def save_best(trainer: Trainer) -> None:
         state = trainer.acc.get_state_dict(trainer.model)  # gathers ZeRO-3 shards; every rank must call it
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if acc.is_main_process:
         write_json(results, out / "results.json")
-        acc.print(f"best epoch {state.best_epoch}: val perplexity {state.best_val_ppl:.3f}; plugin: {out / 'plugin'}")
+        acc.print(f"best epoch {state.best_epoch}: val perplexity {state.best_val_ppl:.3f}; plugin: {out / 'plugin'}"
+                  if state.best_val_ppl is not None else "no validation: no plugin written")
     return results
 
 

@@ -441,9 +441,20 @@ def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (),
     return manifest, tensors
 
 
+def check_not_a_source(out_dir: str | os.PathLike, plugins: Sequence) -> None:
+    """Refuse an output directory that is one of the plugins being merged (it would be overwritten)."""
+    for item in plugins:
+        name, path = item if isinstance(item, tuple) else parse_plugin_arg(str(item))
+        if Path(path).resolve() == Path(out_dir).resolve():
+            raise MergeError(f"the output {out_dir} is the source plugin {name or path}; write the merge to another "
+                             "directory")
+
+
 def merge_to_dir(out_dir: str | os.PathLike, plugins: Sequence, routes: Sequence[Route | str] = (),
                  strategy: str = "keep", **options) -> tuple[Path, dict]:
-    """Load ``plugins`` (see :func:`load_sources`), merge them and save the unified plugin atomically."""
+    """Load ``plugins`` (see :func:`load_sources`), merge them and save the unified plugin atomically; never
+    over one of the sources (its manifest would list itself as its own source)."""
+    check_not_a_source(out_dir, plugins)
     manifest, tensors = merge_plugins(load_sources(plugins), routes, strategy, **options)
     return save_plugin(out_dir, manifest, tensors), manifest
 

@@ -196,8 +196,9 @@ def accelerate_command(script_args: list[str], processes: int, cpu: bool, port: 
 def plan_runs(specs: Sequence[RunSpec], devices: Devices, out: str | os.PathLike, *, per_task: int = 1,
               launcher: str = "accelerate", config_dir: str | os.PathLike = ROOT / "configs",
               common: Sequence[str] = (), sets: Sequence[str] = (), ports: Sequence[int] | None = None,
-              python: str = sys.executable) -> list[RunPlan]:
-    """The command, environment, devices and files of every run; nothing is started."""
+              python: str = sys.executable, overwrite: bool = False) -> list[RunPlan]:
+    """The command, environment, devices and files of every run; nothing is started. ``overwrite``: each run
+    replaces a previous run in its directory (``train_task.py --overwrite``)."""
     if per_task < 1:
         raise ParallelPlanError(f"--devices-per-task must be 1 or more, got {per_task}")
     if launcher not in LAUNCHERS:
@@ -232,7 +233,8 @@ def plan_runs(specs: Sequence[RunSpec], devices: Devices, out: str | os.PathLike
             raise ParallelPlanError(f"no config for task {spec.task!r}: {config} does not exist; add it or pass "
                                     "--config-dir DIR holding <task>_offline.yaml")
         run_dir = out / spec.name
-        args = ["--task", spec.task, "--config", str(config), *overrides[spec.name], f"output_dir={run_dir}"]
+        args = ["--task", spec.task, "--config", str(config), *(["--overwrite"] if overwrite else []),
+                *overrides[spec.name], f"output_dir={run_dir}"]
         env = {"PYTHONUNBUFFERED": "1"}  # the log follows the run as it goes
         plan = RunPlan(spec.name, spec.task, [], env, run_dir, out / f"{spec.name}.log", config,
                        overrides[spec.name], processes=per_task, port=port)
@@ -261,12 +263,19 @@ def plan_runs(specs: Sequence[RunSpec], devices: Devices, out: str | os.PathLike
 
 
 def check_configs(plans: Sequence[RunPlan]) -> None:
-    """Load every run's config with its overrides, so a typo stops everything before anything starts."""
+    """Load every run's config with its overrides and check its output directory (as train_task.py will), so a
+    typo or a previous run in the way stops everything before anything starts."""
     from .config import ConfigError, load_config
+    from .io import UnsafeWriteError, prepare_run_dir
 
     for p in plans:
         try:
-            load_config(p.config, [*p.overrides, f"output_dir={p.output_dir}"])
+            cfg = load_config(p.config, [*p.overrides, f"output_dir={p.output_dir}"])
+            prepare_run_dir(p.output_dir, resume=cfg.train.resume, overwrite="--overwrite" in p.command,
+                            check_only=True)
+        except UnsafeWriteError as e:
+            raise ParallelPlanError(f"run {p.name!r}: {e} (train_parallel.py: --overwrite, or -- train.resume=true)") \
+                from None
         except ConfigError as e:
             raise ParallelPlanError(f"run {p.name!r}: {e}") from None
 

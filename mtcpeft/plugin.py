@@ -18,7 +18,8 @@ A plugin is a directory:
     optional: task_contexts, generated_context, vision, projector, layout, adaptor_prefix (default
     "lm.model."), and for merged plugins routes, generated, merge, sources (see :mod:`mtcpeft.merge`).
 
-Written atomically (a complete temporary directory is renamed into place); never pickle. Loading validates the
+Written atomically (a complete temporary directory is renamed into place; a folder holding other files is never
+replaced) and only with finite tensors; never pickle. Loading validates the
 manifest on its own (:func:`validate_manifest`) and against the tensor file before anything touches a model;
 :func:`check_compatible` then checks it against a base LM and a model.
 """
@@ -27,17 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .io import save_tensors, write_json
+from .io import atomic_dir, first_nonfinite, save_tensors, write_json
 
 FORMAT_VERSION = 1
 KNOWN_VERSIONS = (1,)
@@ -256,29 +253,16 @@ def check_compatible(manifest: dict, *, base_lm_fingerprint: str | None = None, 
 
 
 # -------------------------------------------------------------------------------------------- read/write
-@contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir``; on success it replaces ``out_dir`` in one rename."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_plugin(out_dir: str | os.PathLike, manifest: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """Write ``tensors`` and ``manifest`` (plus format version and tensor shapes) as a plugin directory."""
     out = Path(out_dir)
     manifest = {"format_version": FORMAT_VERSION, **manifest,
                 "tensors": {k: list(v.shape) for k, v in sorted(tensors.items())}}
     validate_manifest(manifest, where=f"plugin for {out}")  # never write a plugin that cannot be loaded
+    bad = first_nonfinite(tensors)
+    if bad is not None:  # a diverged training must not leave a plugin that looks like a result
+        raise PluginError(f"plugin for {out}: tensor {bad!r} holds non-finite values (nan or inf); refusing to "
+                          "write it (did the training diverge? lower train.lr)")
     with atomic_dir(out) as tmp:
         save_tensors(tensors, tmp / TENSORS, metadata={"format": "mtcpeft-plugin", "version": str(FORMAT_VERSION)})
         write_json(manifest, tmp / MANIFEST)

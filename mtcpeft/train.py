@@ -1,9 +1,15 @@
 """One readable training loop on accelerate (DDP, DeepSpeed ZeRO via the accelerate config, mixed precision).
 
 ``fit`` trains whatever trainable parameters the model has (adaptors, projector) on batches the model takes as
-keyword arguments (``model(**batch).loss``), evaluates validation perplexity after each epoch, keeps the best
-epoch, and writes checkpoints atomically (every ``save_every_steps`` optimizer steps and at each epoch end) that
-``resume`` continues from exactly where they stopped: same parameters, optimizer, RNG and data order.
+keyword arguments (``model(**batch).loss``), evaluates validation perplexity after each epoch and at the end of
+training (``max_steps`` may stop mid-epoch), keeps the best evaluation, and writes checkpoints (every
+``save_every_steps`` optimizer steps, at each epoch end and at the stop) that ``resume`` continues from exactly
+where they stopped: same parameters, optimizer, RNG and data order.
+
+Nothing silently wrong: a non-finite loss, parameter or validation perplexity stops the run with
+:class:`DivergenceError` before anything of it is saved; a kill at any moment of a checkpoint write leaves a
+complete checkpoint to resume from (:func:`recover_checkpoint`); a checkpoint made with another model or adaptor
+config is refused with the tensors and config keys that differ (:class:`CheckpointMismatchError`).
 """
 from __future__ import annotations
 
@@ -11,7 +17,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,10 +28,22 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .io import write_json
+from .config import ConfigError, save_config
+from .io import remove_tree, write_json
 from .losses import token_nll
 
 CHECKPOINT = "checkpoint"
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint directory holding it is complete
+RUN_CONFIG = "run_config.json"  # the flat config of the run that wrote the checkpoint (to name what differs)
+
+
+class DivergenceError(ConfigError):
+    """The loss, a trainable tensor or the validation perplexity is not finite: the config (learning rate,
+    precision) made training diverge. Nothing of the diverged state is saved."""
+
+
+class CheckpointMismatchError(ConfigError):
+    """``train.resume`` found a checkpoint whose trainable tensors do not fit the model built from this config."""
 
 
 @dataclass
@@ -37,7 +54,7 @@ class TrainState:
     step_in_epoch: int = 0  # batches of that epoch already consumed
     global_step: int = 0  # optimizer steps taken
     best_val_ppl: float | None = None
-    best_epoch: int | None = None
+    best_epoch: float | None = None  # a fraction when the best evaluation was where max_steps stopped mid-epoch
     history: list[dict] = field(default_factory=list)  # one row per evaluated epoch
 
 
@@ -143,6 +160,8 @@ class Trainer:
         if self.tc.resume:
             self.resume()  # replaces self.state
         acc, tc, st = self.acc, self.tc, self.state
+        if acc.is_main_process:  # after resume checked that the checkpoint fits this config
+            save_config(self.cfg, self.out / "config.yaml")
         acc.init_trackers("tb", config=_flat(self.cfg))
         acc.print(f"trainable parameters: {self.num_trainable:,}  |  processes: {acc.num_processes} "
                   f"({acc.distributed_type}), {torch.get_num_threads()} threads each  |  output: {self.out}")
@@ -153,42 +172,55 @@ class Trainer:
             acc.print(f"before training: val perplexity {row['val_ppl']:.3f}")
         steps_per_epoch = math.ceil(len(self.train_dl) / tc.grad_accum)
         total = tc.max_steps or steps_per_epoch * tc.epochs
-        bar = tqdm(total=total, initial=st.global_step, disable=not acc.is_main_process, desc="train", unit="step")
         tokens, t0 = 0, time.perf_counter()
         done = st.global_step >= total
-        while st.epoch < tc.epochs and not done:
-            self.train_dl.set_epoch(st.epoch)
-            loader = acc.skip_first_batches(self.train_dl, st.step_in_epoch) if st.step_in_epoch else self.train_dl
-            self.model.train()
-            for batch in loader:
-                with acc.accumulate(self.model):
-                    loss = self.model(**batch).loss
-                    acc.backward(loss)
-                    if tc.max_grad_norm and acc.sync_gradients:
-                        acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
-                    self.opt.step()
-                    self.opt.zero_grad()
-                st.step_in_epoch += 1
-                tokens += int(batch["attention_mask"].sum()) * acc.num_processes
-                if not acc.sync_gradients:
-                    continue
-                st.global_step += 1
-                bar.update(1)
-                if st.global_step % tc.log_every == 0 or st.global_step == 1:
-                    rate = tokens / (time.perf_counter() - t0)
-                    acc.log({"train/loss": loss.item(), "train/tokens_per_s": rate,
-                             "train/peak_mem_mb": peak_memory_mb()}, step=st.global_step)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
-                if tc.save_every_steps and st.global_step % tc.save_every_steps == 0:
+        # closed even on an error, which then prints on a line of its own
+        with tqdm(total=total, initial=st.global_step, disable=not acc.is_main_process, desc="train",
+                  unit="step") as bar:
+            while st.epoch < tc.epochs and not done:
+                self.train_dl.set_epoch(st.epoch)
+                skip = st.step_in_epoch
+                loader = acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
+                self.model.train()
+                for batch in loader:
+                    with acc.accumulate(self.model):
+                        loss = self.model(**batch).loss
+                        self._check_loss(loss)
+                        acc.backward(loss)
+                        if tc.max_grad_norm and acc.sync_gradients:
+                            acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+                        self.opt.step()
+                        self.opt.zero_grad()
+                    st.step_in_epoch += 1
+                    tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+                    if not acc.sync_gradients:
+                        continue
+                    st.global_step += 1
+                    bar.update(1)
+                    if st.global_step % tc.log_every == 0 or st.global_step == 1:
+                        rate = tokens / (time.perf_counter() - t0)
+                        acc.log({"train/loss": loss.item(), "train/tokens_per_s": rate,
+                                 "train/peak_mem_mb": peak_memory_mb()}, step=st.global_step)
+                        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
+                    if tc.save_every_steps and st.global_step % tc.save_every_steps == 0:
+                        self.save_checkpoint()
+                    if tc.max_steps and st.global_step >= tc.max_steps:
+                        done = True
+                        break
+                if st.step_in_epoch >= len(self.train_dl):
+                    self.end_epoch()
+                elif done:  # max_steps reached mid-epoch: keep a checkpoint to continue from
                     self.save_checkpoint()
-                if tc.max_steps and st.global_step >= tc.max_steps:
-                    done = True
-                    break
-            if st.step_in_epoch >= len(self.train_dl):
-                self.end_epoch()
-            elif done:  # max_steps reached mid-epoch: keep a checkpoint to continue from
-                self.save_checkpoint()
-        bar.close()
+        evaluated = [r for r in st.history if "val_ppl" in r]
+        if self.val_dls and st.global_step and (not evaluated or evaluated[-1]["step"] != st.global_step):
+            # the parameters training ends with are always validated (and may be the best): max_steps stopped
+            # mid-epoch, or the last epoch was not an evaluation epoch. After the checkpoint, so that a resumed run
+            # continues exactly as an uninterrupted one (the row is in results, not in the checkpoint).
+            done_epochs = round(st.epoch + st.step_in_epoch / len(self.train_dl), 3)
+            row = {"epoch": int(done_epochs) if done_epochs == int(done_epochs) else done_epochs,
+                   "step": st.global_step}
+            self._validate(row, f"end of training (step {st.global_step}, epoch {row['epoch']})")
+            st.history.append(row)
         return st
 
     def finish(self) -> None:
@@ -205,16 +237,47 @@ class Trainer:
         st = self.state
         row = {"epoch": st.epoch + 1, "step": st.global_step}
         if self.val_dls and (st.epoch + 1) % self.tc.eval_every_epochs == 0:
-            row.update(self.evaluate())
-            self.acc.log(_val_logs(row), step=st.global_step)
-            self.acc.print(f"epoch {st.epoch + 1}: val perplexity {row['val_ppl']:.3f}")
-            if st.best_val_ppl is None or row["val_ppl"] < st.best_val_ppl:
-                st.best_val_ppl, st.best_epoch = row["val_ppl"], st.epoch + 1
-                if self.on_best is not None:
-                    self.on_best(self)
+            self._validate(row, f"epoch {st.epoch + 1}")
         st.history.append(row)
         st.epoch, st.step_in_epoch = st.epoch + 1, 0
         self.save_checkpoint()
+
+    def _validate(self, row: dict, label: str) -> None:
+        """Evaluate into ``row``; a better (finite) perplexity than the best so far calls ``on_best``."""
+        st = self.state
+        row.update(self.evaluate())
+        self.acc.log(_val_logs(row), step=st.global_step)
+        self.acc.print(f"{label}: val perplexity {row['val_ppl']:.3f}")
+        if not math.isfinite(row["val_ppl"]):  # nan never compares better, so it would win only as the first
+            raise DivergenceError(f"training diverged: the validation perplexity is {row['val_ppl']} at {label}; "
+                                  f"{self._advice()}")
+        if st.best_val_ppl is None or row["val_ppl"] < st.best_val_ppl:
+            st.best_val_ppl, st.best_epoch = row["val_ppl"], row["epoch"]
+            if self.on_best is not None:
+                self.on_best(self)
+
+    def _advice(self) -> str:
+        kept = [f"the plugin of epoch {self.state.best_epoch}"] if self.state.best_epoch is not None else []
+        kept += ["the last checkpoint"] if (self.out / CHECKPOINT / STATE_FILE).is_file() else []
+        return (f"lower train.lr (now {self.tc.lr:g}), set train.max_grad_norm or train.mixed_precision=no; "
+                f"nothing diverged was saved{' (kept: ' + ' and '.join(kept) + ')' if kept else ''}")
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        """Stop before a non-finite loss reaches the optimizer (every rank sees every rank's loss, so all stop)."""
+        losses = self.acc.gather(loss.detach().float().reshape(1))
+        if not bool(torch.isfinite(losses).all()):
+            bad = losses[~torch.isfinite(losses)][0].item()
+            raise DivergenceError(f"training diverged: the loss is {bad} at step {self.state.global_step + 1} "
+                                  f"(epoch {self.state.epoch + 1}); {self._advice()}")
+
+    def _check_parameters(self) -> None:
+        """Refuse to checkpoint non-finite trainable tensors (an update may overflow while its loss was finite)."""
+        bad = next((n for n, p in self.model.named_parameters() if p.requires_grad
+                    and not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())), None)  # ZeRO-3: own shard
+        flags = self.acc.gather(torch.tensor([bad is not None], dtype=torch.float32, device=self.acc.device))
+        if bool(flags.any()):
+            raise DivergenceError(f"training diverged: trainable tensor {bad or '(on another process)'} is not finite "
+                                  f"after step {self.state.global_step}; {self._advice()}")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -231,40 +294,112 @@ class Trainer:
                 nll += per_ex.double().sum().cpu()
                 count += int(n.sum())
             if name:
-                row[f"val_ppl/{name}"] = math.exp(float(nll) / max(count, 1))
+                row[f"val_ppl/{name}"] = _exp(float(nll) / max(count, 1))
             total, total_n = total + float(nll), total_n + count
         self.model.train()
         mean = total / max(total_n, 1)
-        return {"val_loss": mean, "val_ppl": math.exp(mean), "val_tokens": total_n, **row}
+        return {"val_loss": mean, "val_ppl": _exp(mean), "val_tokens": total_n, **row}
 
     # -------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint.tmp`` completely, then swap it for ``checkpoint``: a crash leaves the old one."""
+        """Write ``checkpoint.tmp`` completely (``trainer_state.json`` last), then swap it for ``checkpoint``.
+
+        A kill at any point leaves a complete checkpoint (see :func:`recover_checkpoint`); the older one is
+        deleted only once the newer one is complete."""
+        self._check_parameters()
         acc, final = self.acc, self.out / CHECKPOINT
         tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            recover_checkpoint(self.out)  # leftovers of a kill: keep the newest complete one as `checkpoint`
             tmp.mkdir(parents=True)  # before any rank writes its shard into it (DeepSpeed: every rank saves)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every rank's files (shards, RNG states) are in tmp before it is renamed
         if acc.is_main_process:
-            write_json(asdict(self.state), tmp / "trainer_state.json")
+            write_json(_flat(self.cfg), tmp / RUN_CONFIG)
+            write_json(asdict(self.state), tmp / STATE_FILE)  # last: from here on tmp is a complete checkpoint
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
         acc.wait_for_everyone()
 
     def resume(self) -> None:
+        if self.acc.is_main_process:
+            recover_checkpoint(self.out)
+        self.acc.wait_for_everyone()
         ckpt = self.out / CHECKPOINT
-        if not (ckpt / "trainer_state.json").is_file():
+        if not (ckpt / STATE_FILE).is_file():
             self.acc.print(f"no checkpoint in {ckpt}: starting from scratch")
             return
+        self._check_checkpoint_fits(ckpt)
         # our checkpoints hold the trainable tensors only (strict=False); DeepSpeed saves and loads its own way
         self.acc.load_state(str(ckpt), **({} if zero_stage(self.acc) is not None else {"strict": False}))
-        self.state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        self.state = TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
         self.acc.print(f"resumed from {ckpt}: epoch {self.state.epoch + 1}, step {self.state.global_step}")
+
+    def _check_checkpoint_fits(self, ckpt: Path) -> None:
+        """Compare the checkpoint's trainable tensor names and shapes with the model's before loading (a
+        size-mismatch deep inside load_state names neither the cause nor the fix)."""
+        weights = ckpt / "model.safetensors"
+        if zero_stage(self.acc) is not None or not weights.is_file():  # DeepSpeed checks its own layout
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        own = {n: list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        differ = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
+        if not differ:
+            return
+        k = differ[0]
+        msg = (f"the checkpoint in {ckpt} was made with another model or adaptor config: {len(differ)} trainable "
+               f"tensors differ, e.g. {k} is {saved.get(k, 'absent')} there and {own.get(k, 'absent')} here")
+        if (ckpt / RUN_CONFIG).is_file():
+            then, now = json.loads((ckpt / RUN_CONFIG).read_text()), _flat(self.cfg)
+            keys = [f"{key}={then.get(key)} (now {now.get(key)})" for key in sorted(set(then) | set(now))
+                    if key.split(".")[0] in ("model", "adaptor") and then.get(key) != now.get(key)]
+            if keys:
+                msg += f"; config keys that differ: {', '.join(keys)}"
+        raise CheckpointMismatchError(msg + "; resume with the config the checkpoint was made with, or train into "
+                                            "another output_dir")
+
+
+def recover_checkpoint(out: str | os.PathLike) -> Path | None:
+    """Leave the newest complete checkpoint of ``out`` as ``out/checkpoint`` and nothing else; return it (None
+    when there is no complete one). Main process only.
+
+    A save writes ``checkpoint.tmp`` (complete once ``trainer_state.json`` is in it), renames ``checkpoint`` to
+    ``checkpoint.old`` and ``checkpoint.tmp`` to ``checkpoint``, then deletes ``checkpoint.old``. Whatever step a
+    kill interrupts, the complete ones are, newest first: tmp, checkpoint, old. Every step here is a rename or
+    the deletion of an incomplete or older one, so a kill during recovery is recovered from as well.
+    """
+    final = Path(out) / CHECKPOINT
+    tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
+    order = [d for d in (tmp, final, old) if d.exists()]
+    complete = [d for d in order if (d / STATE_FILE).is_file()]
+    for d in order:
+        if d not in complete:
+            remove_tree(d)  # a partly written (or partly deleted) checkpoint
+    if not complete:
+        return None
+    newest = complete[0]
+    if newest == tmp:
+        if old.exists():
+            remove_tree(old)  # older than checkpoint, and tmp (newer than both) is complete
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    elif newest == old:
+        os.replace(old, final)
+    if old.exists():
+        remove_tree(old)
+    return final
+
+
+def _exp(x: float) -> float:
+    """exp that overflows to inf (a diverged validation loss) instead of raising."""
+    return math.exp(x) if x < 709.0 else math.inf
 
 
 def _val_logs(row: dict) -> dict:
