@@ -5,10 +5,12 @@
     python launch/evaluate.py --task qa --plugin runs/qa_offline/plugin --beams 3            # exact match, F1
     python launch/evaluate.py --task qa --plugin DIR --config my_squad.yaml data.val_annotations=dev-v2.0.json
 
-The data come from --config (default configs/<task>_offline.yaml) and dotted overrides; the model, adaptor and
-layout from the plugin; a unified plugin (launch/merge.py, launch/train_joint.py) is routed for the task and
-laid out by the data config. Writes eval_<split>.json beside the plugin directory (or --out): metrics, perplexity, data counts and a few
-example generations.
+The data are the ones the plugin was trained on (recorded in its plugin.json, or its run's config.yaml), or
+--config; dotted overrides change them (data.val_annotations=FILE); the first line printed says which data are
+evaluated. The model, adaptor and layout come from the plugin; a unified plugin (launch/merge.py,
+launch/train_joint.py) is routed for the task and takes its data from --config (default
+configs/<task>_offline.yaml), which also lays it out. Writes eval_<split>.json beside the plugin directory (or
+--out): metrics, perplexity, data counts and a few example generations.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 from mtcpeft.build import config_from_manifest, load_task_model  # noqa: E402
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.config import ConfigError, load_config  # noqa: E402
+from mtcpeft.config import ConfigError, config_from_dict, load_config  # noqa: E402
 from mtcpeft.evaluate import evaluate_task  # noqa: E402
 from mtcpeft.io import write_json  # noqa: E402
 from mtcpeft.train import configure_cpu_threads  # noqa: E402
@@ -34,25 +36,53 @@ from tasks import TASKS, get_task  # noqa: E402
 from tasks.base import SequenceLayout  # noqa: E402
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def data_config(args, manifest: dict):
+    """(config whose ``data`` section is evaluated on, where it came from): --config; else the data the plugin was
+    trained on (recorded in its manifest, or its run's config.yaml); else configs/<task>_offline.yaml."""
+    if args.config:
+        return load_config(args.config, args.overrides), args.config
+    if "routes" not in manifest:  # a task plugin: its own training data
+        if manifest.get("data"):
+            where = Path(args.plugin) / "plugin.json"
+            return config_from_dict({"data": manifest["data"]}, args.overrides, where=where), \
+                f"{where} (the data the plugin was trained on)"
+        run = Path(args.plugin).parent / "config.yaml"
+        if run.is_file() and load_config(run).task == manifest["task"]:
+            return load_config(run, args.overrides), f"{run} (the plugin's training run)"
+    default = ROOT / "configs" / f"{args.task}_offline.yaml"
+    return load_config(default if default.is_file() else None, args.overrides), \
+        f"{default} (the task's offline default; pass --config to evaluate on other data)"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", required=True, help=f"registered task: {', '.join(TASKS.names())}")
     ap.add_argument("--plugin", required=True, help="plugin directory written by launch/train_task.py")
     ap.add_argument("--split", default="val", choices=("train", "val"))
-    ap.add_argument("--config", help="YAML config for the data (default: configs/<task>_offline.yaml)")
-    ap.add_argument("--limit", type=int, help="evaluate the first N examples of the split only")
-    ap.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--config", help="YAML config for the data (default: the data the plugin was trained on)")
+    ap.add_argument("--limit", type=positive_int, help="evaluate the first N examples of the split only")
+    ap.add_argument("--beams", type=positive_int, default=1, help="beam search width (1 = greedy)")
+    ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--out", help="metrics JSON path (default: eval_<split>.json beside the plugin)")
     ap.add_argument("--lm", help="load the base LM from here instead of the plugin's base_lm")
     ap.add_argument("overrides", nargs="*", help="dotted data overrides, e.g. data.source=squad data.val_annotations=F")
     args = ap.parse_args(argv)
+    task = get_task(args.task)  # an unknown task or a wrong plugin fails before any model is loaded
+    manifest = read_manifest(args.plugin)
+    if "routes" not in manifest and manifest["task"] != task.name:
+        raise ConfigError(f"{args.plugin} is a {manifest['task']!r} plugin, not {args.task!r}; pass --task "
+                          f"{manifest['task']} (or a plugin trained for {args.task})")
+    data_cfg, origin = data_config(args, manifest)
     configure_cpu_threads()
-    default = ROOT / "configs" / f"{args.task}_offline.yaml"
-    data_cfg = load_config(args.config or (default if default.is_file() else None), args.overrides)
-    if "routes" in read_manifest(args.plugin):  # a unified (merged / jointly trained) plugin: route the task
+    if "routes" in manifest:  # a unified (merged / jointly trained) plugin: route the task
         model, tokenizer, manifest = build_joint_model(args.plugin, args.lm)
-        task = get_task(args.task)
         cfg = data_cfg
         T = model.encoder.num_tokens if task.uses_images and model.encoder is not None else 0
         layout = SequenceLayout(T, cfg.data.seq_len, cfg.data.max_target_tokens)
@@ -60,9 +90,6 @@ def main(argv: list[str] | None = None) -> dict:
                    "generated_context": generated_group(manifest, task)}
     else:
         model, tokenizer, layout, task, manifest = load_task_model(args.plugin, lm=args.lm)
-        if manifest["task"] != TASKS.get(args.task).name:
-            raise ConfigError(f"{args.plugin} is a {manifest['task']!r} plugin, not {args.task!r}; pass --task "
-                              f"{manifest['task']} (or a plugin trained for {args.task})")
         cfg = config_from_manifest(manifest, args.lm)  # model, adaptor and layout as trained
         cfg.data = data_cfg.data
         cfg.data.seq_len, cfg.data.max_target_tokens = layout.seq_len, layout.max_target_tokens
@@ -71,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.output_dir = str(Path(args.plugin).parent)  # feature caches sit beside the plugin's run
     if args.limit:
         setattr(cfg.data, f"{args.split}_limit", args.limit)
-    result = {"task": task.name, "plugin": str(args.plugin), "beams": args.beams,
+    print(f"evaluating on {cfg.data.describe(args.split)} from {origin}")
+    result = {"task": task.name, "plugin": str(args.plugin), "beams": args.beams, "data_from": str(origin),
               **evaluate_task(cfg, task, model, tokenizer, layout, args.split, args.beams, args.batch_size, **routing)}
     out = Path(args.out) if args.out else Path(args.plugin).parent / f"eval_{args.split}.json"
     write_json(result, out)

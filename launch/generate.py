@@ -18,24 +18,39 @@ if str(ROOT) not in sys.path:
 
 from mtcpeft.build import load_task_model  # noqa: E402
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.data.dataset import open_image  # noqa: E402
+from mtcpeft.config import ConfigError  # noqa: E402
+from mtcpeft.data.dataset import check_images, open_image  # noqa: E402
 from mtcpeft.generation import generate_texts  # noqa: E402
 from mtcpeft.models.vision import image_transform  # noqa: E402
+from mtcpeft.plugin import read_manifest  # noqa: E402
+from tasks import get_task  # noqa: E402
 
 
 def build_examples(task, images: list[str], question: str | None, passage: str | None) -> list[dict]:
-    """The example dicts the task's prompt reads, from the command line; names what is missing."""
+    """The example dicts the task's prompt reads, from the command line; names what is missing or unreadable."""
     needs = {"caption": ("image",), "vqa": ("image", "question"), "qa": ("passage", "question")}.get(task.name, ())
     given = {"image": bool(images), "question": question is not None, "passage": passage is not None}
     missing = [f"--{k}" for k in needs if not given[k]]
     if missing:
-        raise ValueError(f"a {task.name} plugin needs {' and '.join(missing)}")
+        raise ConfigError(f"a {task.name} plugin needs {' and '.join(missing)}")
+    unused = [f"--{k}" for k, v in given.items() if v and k not in needs]
+    if unused:  # not silently ignored: the user may have the wrong plugin
+        raise ConfigError(f"a {task.name} plugin reads no {' or '.join(unused)}; drop it (or pass a plugin of "
+                          "another task)")
     if task.uses_images:
         for p in images:
             if not Path(p).is_file():
-                raise ValueError(f"image {p} does not exist")
+                raise ConfigError(f"image {p} does not exist")
+        check_images(images, on_bad="fail", progress=False)  # decodes each: a truncated file is named here
         return [{"image": p, "question": question} for p in images]
     return [{"context": passage, "question": question}]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -44,15 +59,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     ap.add_argument("--question", help="question (vqa, qa)")
     ap.add_argument("--passage", help="passage the question is about (qa)")
-    ap.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the plugin's target budget")
+    ap.add_argument("--beams", type=positive_int, default=1, help="beam search width (1 = greedy)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the plugin's target budget")
     ap.add_argument("--lm", help="load the base LM from here instead of the plugin's base_lm")
     args = ap.parse_args(argv)
+    # the inputs are checked before the (slow) model is built
+    examples = build_examples(get_task(read_manifest(args.plugin)["task"]), args.image, args.question, args.passage)
     model, tokenizer, layout, task, _ = load_task_model(args.plugin, lm=args.lm)
-    try:
-        examples = build_examples(task, args.image, args.question, args.passage)
-    except ValueError as e:
-        ap.error(str(e))
     image_input = None
     if task.uses_images:
         transform = image_transform(model.encoder, train=False, augment=False)

@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.base import EmptyTargetError
+from tasks.base import EmptyTargetError, PromptTooLongError
 
 from .adaptors import adaptor_config
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, config_to_dict
 from .contexts import ContextVocab
-from .data.dataset import DataReport, EncodedDataset, check_images, open_image
+from .data.dataset import DataReport, EmptySplitError, EncodedDataset, check_images, open_image
 from .model import ContextModel
 from .models.lm import load_lm, load_tokenizer
 from .models.projector import Projector
@@ -39,7 +39,8 @@ def set_residual_dropout(lm: nn.Module, p: float) -> None:
             if isinstance(getattr(m, "dropout", None), float):
                 m.dropout = p
     else:
-        raise ValueError(f"{mtype} models have no residual dropout to set; leave model.residual_dropout null")
+        raise ConfigError(f"{mtype} models have no residual dropout to set; leave model.residual_dropout "
+                          "null")
 
 
 def build_context_lm(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: ContextVocab | None = None) -> ContextModel:
@@ -93,26 +94,37 @@ def build_task_model(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: C
     return model, load_tokenizer(cfg.model.lm), layout
 
 
-def read_examples(cfg: RunConfig, task, split: str) -> list[dict]:
-    """A split's examples, after checking the task reads ``data.source`` and applying the split's limit."""
+def read_split(cfg: RunConfig, task, split: str) -> tuple[list[dict], str]:
+    """A split's examples and what the format reader dropped (one line, or ""), after checking the task reads
+    ``data.source``; the split's limit applied."""
     if cfg.data.source not in task.sources:
         raise ConfigError(f"task {task.name!r} reads data.source {' | '.join(task.sources)}, not "
                          f"{cfg.data.source!r}; set data.source=... (configs/{task.name}_offline.yaml is a start)")
     limit = {"train": cfg.data.train_limit, "val": cfg.data.val_limit}.get(split)
-    return task.examples(split, cfg.data)[:limit]
+    examples, note = task.read(split, cfg.data)
+    return examples[:limit], note
+
+
+def read_examples(cfg: RunConfig, task, split: str) -> list[dict]:
+    """A split's examples (see :func:`read_split`)."""
+    return read_split(cfg, task, split)[0]
 
 
 def build_datasets(cfg: RunConfig, task, model: VisionLanguageModel, tokenizer, layout, splits=("train", "val"),
                    progress: bool = True, routes: torch.Tensor | None = None) -> dict[str, tuple[EncodedDataset, DataReport]]:
     """Read, check, encode every split; images become cached features (encoder run once) unless training-time
     augmentation needs the pixels. ``routes`` maps the task's context ids to the model's groups (index id + 1;
-    default: identity, or the shared group of a context-agnostic model)."""
+    default: identity, or the shared group of a context-agnostic model). A dataset's ``examples`` are the ones it
+    kept; a split that keeps none raises :class:`EmptySplitError` naming the split, its files and what was dropped."""
     out = {}
     for split in splits:
-        examples = read_examples(cfg, task, split)
-        report = DataReport(examples=len(examples))
-        bad = check_images([e["image"] for e in examples], cfg.data.on_bad_image, progress) if task.uses_images else set()
+        examples, note = read_split(cfg, task, split)
+        report = DataReport(examples=len(examples), reader=note)
+        reasons: dict[str, str] = {}
+        bad = check_images([e["image"] for e in examples], cfg.data.on_bad_image, progress, reasons) \
+            if task.uses_images else set()
         report.bad_images = sorted(bad)
+        report.bad_image_example = next((f"{p}: {reasons[p]}" for p in report.bad_images), "")
         items, keep = [], []
         for e in examples:
             if task.uses_images and e["image"] in bad:
@@ -122,12 +134,19 @@ def build_datasets(cfg: RunConfig, task, model: VisionLanguageModel, tokenizer, 
             except EmptyTargetError:
                 report.empty_targets += 1
                 continue
+            except PromptTooLongError:
+                report.too_long += 1
+                continue
             report.truncated += enc.pop("truncated", False)
             items.append(enc)
             keep.append(e)
         report.kept = len(items)
-        out[split] = (EncodedDataset(items, image_input(cfg, model, keep, split, progress) if task.uses_images else None,
-                                     routes if routes is not None else context_map(cfg, task)), report)
+        if not items:
+            raise EmptySplitError(f"the {task.name} {split} split has no usable examples: {report.why_empty()}; "
+                                  f"data: {cfg.data.describe(split)}; fix the data or point data.* at other files")
+        image_fn = image_input(cfg, model, keep, split, progress) if task.uses_images else None
+        out[split] = (EncodedDataset(items, image_fn, routes if routes is not None else context_map(cfg, task), keep),
+                      report)
     return out
 
 
@@ -169,6 +188,7 @@ def task_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str |
         "vision": None,
         "projector": None,
         "layout": {"seq_len": cfg.data.seq_len, "max_target_tokens": cfg.data.max_target_tokens},
+        "data": config_to_dict(cfg.data),  # what it was trained on: launch/evaluate.py evaluates on it by default
     }
     if model.encoder is not None:
         manifest["vision"] = {"name": cfg.model.vision, "pretrained": cfg.model.vision_pretrained,

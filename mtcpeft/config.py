@@ -10,6 +10,7 @@ so a typo or a wrong type fails at start-up with the key, the problem and the fi
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -107,7 +108,7 @@ class AdaptorSpec:
 
 SOURCES = ("easyvqa", "coco", "karpathy", "squad", "vqa2")
 # files each source needs for training; "val_*" twins are needed for validation (easyvqa needs nothing)
-_SOURCE_KEYS = {"coco": ("annotations", "images"), "karpathy": ("karpathy_json", "images"),
+SOURCE_KEYS = {"coco": ("annotations", "images"), "karpathy": ("karpathy_json", "images"),
                 "squad": ("annotations",), "vqa2": ("questions", "annotations", "images")}
 
 
@@ -123,7 +124,8 @@ class DataConfig:
     val_questions: str | None = None  # VQA v2 questions JSON (validation)
     images: str | None = None  # image folder (coco: the split folder; karpathy: holds train2014/, val2014/)
     val_images: str | None = None  # validation image folder when it differs (coco, vqa2); None = images
-    image_pattern: str = "COCO_{split}_{image_id:012d}.jpg"  # VQA v2 image file name; {split}: the folder name
+    image_pattern: str = "auto"  # VQA v2 image file name, with {image_id} and {subtype} (the questions file's
+    #   data_subtype, e.g. train2014), e.g. "COCO_{subtype}_{image_id:012d}.jpg"; "auto": that or "{image_id:012d}.jpg"
     karpathy_json: str | None = None  # dataset_coco.json of the Karpathy split (source karpathy)
     drop_impossible: bool = True  # SQuAD v2.0: leave out unanswerable questions when training
     seq_len: int = 128  # tokens per example after padding
@@ -137,7 +139,7 @@ class DataConfig:
 
     def __post_init__(self):
         _one_of("source", self.source, SOURCES)
-        for key in _SOURCE_KEYS.get(self.source, ()):
+        for key in SOURCE_KEYS.get(self.source, ()):
             _check(getattr(self, key) is not None, key, f"must be set for source {self.source!r} "
                    f"(override it: data.{key}=PATH)", None)
         _check(self.max_target_tokens >= 2, "max_target_tokens", "must be >= 2 (one token and [EOS])",
@@ -148,6 +150,18 @@ class DataConfig:
         _positive_or_none("val_limit", self.val_limit)
         _one_of("on_bad_image", self.on_bad_image, ("skip", "fail"))
         _check(self.num_workers >= 0, "num_workers", "must be >= 0", self.num_workers)
+
+    def describe(self, split: str) -> str:
+        """Where ``split``'s examples come from: ``"data.source=coco val (data.val_annotations=..., ...)"``."""
+        paths = []
+        for key in SOURCE_KEYS.get(self.source, ()):
+            val = f"val_{key}"
+            if split != "train" and self.source != "karpathy" and (getattr(self, val, None) is not None
+                                                                    or key != "images"):
+                key = val  # validation files; only the image folder falls back to the training one
+            paths.append(f"data.{key}={getattr(self, key)}")
+        where = f" ({', '.join(paths)})" if paths else " (packaged easy-VQA)" if self.source == "easyvqa" else ""
+        return f"data.source={self.source} {split}{where}"
 
 
 @dataclass
@@ -337,27 +351,51 @@ def _is_str_field(tp) -> bool:
     return tp is str or set(typing.get_args(tp)) == {str, type(None)}
 
 
+def _read_yaml(path: str | os.PathLike) -> Any:
+    """The parsed YAML file ``path``; a missing, unreadable or malformed file is one ConfigError line naming the
+    file (and the line, column and problem of a syntax error)."""
+    if not os.path.isfile(path):
+        what = "is a folder, not a YAML file" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"config file {path} {what}; check the --config path (configs/ holds the shipped ones)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); pass a YAML "
+                          "file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and cmark is not None:
+            context = f"{context} that starts at line {cmark.line + 1}"
+        raise ConfigError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
+
+
 def load_config(path: str | os.PathLike | None, overrides=(), cls: type[T] = RunConfig) -> T:
     """Defaults of ``cls``, updated from the YAML file ``path`` (if any), then from ``overrides`` in order."""
+    data = {} if path is None else _read_yaml(path)
+    return config_from_dict({} if data is None else data, overrides, cls, where=path)
+
+
+def config_from_dict(data: Any, overrides=(), cls: type[T] = RunConfig, where: str | os.PathLike | None = None) -> T:
+    """Defaults of ``cls``, updated from the nested mapping ``data``, then from ``overrides``; ``where`` (the file
+    the mapping came from) is named in errors."""
     overrides = [overrides] if isinstance(overrides, str) else list(overrides)
-    data: Any = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        data = {} if data is None else data
+    data = copy.deepcopy(data)
     if isinstance(data, dict):
         for text in overrides:
             _set_override(data, text, cls)
     try:
         return _build(cls, data)
     except ConfigError as e:
-        if path is None:
+        if where is None:
             raise
-        where = f"{path}" + (f" with overrides {overrides}" if overrides else "")
-        raise ConfigError(f"{e} (loading {where})") from None
+        source = f"{where}" + (f" with overrides {overrides}" if overrides else "")
+        raise ConfigError(f"{e} (loading {source})") from None
 
 
 def config_to_dict(cfg) -> dict:

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .build import build_datasets, image_input, read_examples
+from .build import build_datasets, image_input
 from .generation import generate_texts
 from .losses import token_nll
 
@@ -44,14 +44,15 @@ def evaluate_task(cfg, task, model, tokenizer, layout, split: str = "val", beams
     model takes the task's ``routes`` and the group of its generated tokens (see :func:`generate_texts`)."""
     data, report = build_datasets(cfg, task, model, tokenizer, layout, splits=(split,), progress=progress,
                                   routes=routes)[split]
+    if progress:
+        print(report.summary(split))
     ppl = perplexity(model, data, batch_size, progress)  # a task's own rows: never a mixed batch
-    bad = set(report.bad_images)
-    examples = [e for e in unique_by_id(task, read_examples(cfg, task, split)) if e.get("image") not in bad]
+    examples = unique_by_id(task, data.examples)  # the examples that were kept (readable image, fitting prompt)
     images = image_input(cfg, model, examples, split, progress, cache_name=f"{split}_unique") if task.uses_images else None
     texts = generate_texts(model, tokenizer, layout, task, examples, images, beams, batch_size=batch_size,
                            progress=progress, routes=routes, generated_context=generated_context)
     predictions = {task.example_id(e): t for e, t in zip(examples, texts)}
-    metrics = task.score(predictions, examples)
+    metrics = task.score(predictions, data.examples)  # every kept example: captioning scores against all captions
     samples = [{"id": task.example_id(e), **{k: e[k] for k in ("image", "question", "caption", "answer", "answers")
                                               if k in e}, "generated": t} for e, t in zip(examples, texts)]
     return {"split": split, "data": vars(report) | {"bad_images": len(report.bad_images)},

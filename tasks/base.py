@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mtcpeft.config import ConfigError
 from mtcpeft.contexts import ContextVocab
 from mtcpeft.losses import IGNORE  # label of positions that take no loss
 from mtcpeft.registry import Registry
@@ -23,6 +24,10 @@ TASKS: Registry[type["Task"]] = Registry("task")
 
 class EmptyTargetError(ValueError):
     """An example has nothing to learn (empty caption / answer); datasets count and skip these."""
+
+
+class PromptTooLongError(ValueError):
+    """An example's prompt does not fit the layout even after trimming; datasets count and skip these."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class SequenceLayout:
 
     def __post_init__(self):
         if 1 + self.num_image_tokens + self.max_target_tokens > self.seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"seq_len {self.seq_len} cannot hold [BOS] + {self.num_image_tokens} image tokens + "
                 f"{self.max_target_tokens} target tokens; raise data.seq_len or lower data.max_target_tokens"
             )
@@ -61,7 +66,7 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
     """(bos, eos, pad) ids; models without a BOS or PAD token use EOS there (PAD is masked out anyway)."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token; tasks need one to end generated text")
+        raise ConfigError("the tokenizer of model.lm has no EOS token; tasks need one to end generated text")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return bos, eos, pad
@@ -88,6 +93,11 @@ class Task:
         """Read ``split`` ("train" / "val") of the data a DataConfig names into example dicts."""
         raise NotImplementedError
 
+    def read(self, split: str, data) -> tuple[list[dict], str]:
+        """(the examples of ``split``, what the format reader dropped in one line or ""). Tasks whose readers drop
+        records (SQuAD, VQA v2) override this and define :meth:`examples` as ``self.read(split, data)[0]``."""
+        return self.examples(split, data), ""
+
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:  # pragma: no cover
         """The segments after [BOS] and before the target (image tokens, question ...)."""
         raise NotImplementedError
@@ -109,7 +119,8 @@ class Task:
 
     def encode(self, example: dict, tokenizer, layout: SequenceLayout) -> dict:
         """One training example -> lists of length seq_len: input_ids, context_ids, labels, attention_mask,
-        image_mask; plus ``truncated`` (bool). Raises :class:`EmptyTargetError` on an empty target."""
+        image_mask; plus ``truncated`` (bool). Raises :class:`EmptyTargetError` on an empty target and
+        :class:`PromptTooLongError` on a prompt that does not fit."""
         target = self.target_text(example) or ""  # a leading space is kept: it is part of the first word's token
         if not target.strip():
             raise EmptyTargetError(f"empty {self.name} target for example {self.example_id(example)}")
@@ -141,8 +152,8 @@ class Task:
             return list(segs), False
         trim = [s for s in segs if s.trim]
         if not trim or len(trim[0].ids) < over:
-            raise ValueError(f"{self.name}: the prompt needs {over} more tokens than data.seq_len leaves; raise "
-                             "data.seq_len or lower data.max_target_tokens")
+            raise PromptTooLongError(f"{self.name}: the prompt needs {over} more tokens than data.seq_len leaves; "
+                                     "raise data.seq_len or lower data.max_target_tokens (or shorten the text)")
         return [Segment(s.context, s.ids[over:], s.image, s.trim) if s is trim[0] else s for s in segs], True
 
     def _pack(self, segs: list[Segment], bos: int, pad: int, seq_len: int | None, loss_from: int | None) -> dict:

@@ -28,18 +28,20 @@ class QATask(Task):
     metric = "f1"
 
     def examples(self, split: str, data) -> list[dict]:
+        return self.read(split, data)[0]
+
+    def read(self, split: str, data) -> tuple[list[dict], str]:
         if data.source == "easyvqa":
             from mtcpeft.data.easyvqa_tasks import easyvqa_qa
 
-            return easyvqa_qa(split)
+            return easyvqa_qa(split), ""
         if data.source == "squad":
             from mtcpeft.data.squad import read_squad
 
             key = "annotations" if split == "train" else "val_annotations"
-            examples, report = read_squad(need(getattr(data, key), f"data.{key}"),
-                                          keep_impossible=not (split == "train" and data.drop_impossible))
-            print(report.summary(split))
-            return examples
+            path = need(getattr(data, key), f"data.{key}", exists=True)
+            examples, report = read_squad(path, keep_impossible=not (split == "train" and data.drop_impossible))
+            return examples, report.summary(split).partition(": ")[2]
         raise ValueError(f"the qa task reads data.source {', '.join(self.sources)}, not {data.source!r}")
 
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:

@@ -11,7 +11,7 @@ dataset's ``multiple_choice_answer`` (the most common human answer).
 from __future__ import annotations
 
 from .base import Segment, SequenceLayout, Task, register_task
-from .caption import need
+from .caption import need, need_dir
 
 PROMPT = "Question: {question} Answer:"
 
@@ -27,19 +27,24 @@ class VQATask(Task):
     metric = "vqa_accuracy"
 
     def examples(self, split: str, data) -> list[dict]:
+        return self.read(split, data)[0]
+
+    def read(self, split: str, data) -> tuple[list[dict], str]:
         if data.source == "easyvqa":
             from mtcpeft.data.easyvqa_tasks import easyvqa_vqa
 
-            return easyvqa_vqa(split)
+            return easyvqa_vqa(split), ""
         if data.source == "vqa2":
             from mtcpeft.data.vqa2 import read_vqa2
 
             q, a = ("questions", "annotations") if split == "train" else ("val_questions", "val_annotations")
-            images = data.images if split == "train" else (data.val_images or data.images)
-            examples, report = read_vqa2(need(getattr(data, q), f"data.{q}"), getattr(data, a),
-                                         need(images, "data.images"), data.image_pattern)
-            print(report.summary(split))
-            return examples
+            images = "val_images" if split != "train" and data.val_images else "images"
+            path = need(getattr(data, q), f"data.{q}", exists=True)
+            anns = getattr(data, a) and need(getattr(data, a), f"data.{a}", exists=True)
+            examples, report = read_vqa2(path, anns, need_dir(getattr(data, images), f"data.{images}"),
+                                         data.image_pattern)
+            note = report.summary(split).partition(": ")[2]
+            return examples, note + ("" if anns else f"; data.{a} is not set: questions without answers")
         raise ValueError(f"the vqa task reads data.source {', '.join(self.sources)}, not {data.source!r}")
 
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:

@@ -24,16 +24,25 @@ def _load_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DataFormatError(f"annotation file {path} does not exist; check the data.* paths of the config")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download the file") from None
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{path} is not valid JSON (not UTF-8 text); is it the right file?") from None
+    except OSError as e:
+        raise DataFormatError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _need(obj: dict, key: str, where: str):
+def _need(obj: dict, key: str, where: str, kind: type | tuple[type, ...] | None = None):
+    """``obj[key]``, or DataFormatError naming the record and the field (missing, or not of type ``kind``)."""
     if not isinstance(obj, dict) or key not in obj:
         raise DataFormatError(f"{where}: missing field {key!r}")
-    return obj[key]
+    value = obj[key]
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataFormatError(f"{where}: field {key!r} should be {names}, got {type(value).__name__}")
+    return value
 
 
 def read_coco_captions(annotations: str | os.PathLike, image_root: str | os.PathLike) -> list[dict]:
@@ -41,14 +50,15 @@ def read_coco_captions(annotations: str | os.PathLike, image_root: str | os.Path
     data = _load_json(annotations)
     where = str(annotations)
     files = {}
-    for i, img in enumerate(_need(data, "images", where)):
-        files[_need(img, "id", f"{where} images[{i}]")] = _need(img, "file_name", f"{where} images[{i}]")
+    for i, img in enumerate(_need(data, "images", where, list)):
+        w = f"{where} images[{i}]"
+        files[_need(img, "id", w, (int, str))] = _need(img, "file_name", w, str)
     out = []
-    for i, ann in enumerate(_need(data, "annotations", where)):
-        image_id = _need(ann, "image_id", f"{where} annotations[{i}]")
+    for i, ann in enumerate(_need(data, "annotations", where, list)):
+        image_id = _need(ann, "image_id", f"{where} annotations[{i}]", (int, str))
         if image_id not in files:
             raise DataFormatError(f"{where} annotations[{i}]: image_id {image_id} is not listed in 'images'")
-        caption = _need(ann, "caption", f"{where} annotations[{i}]")
+        caption = _need(ann, "caption", f"{where} annotations[{i}]", str)
         out.append({"image_id": image_id, "image": str(Path(image_root) / files[image_id]), "caption": caption})
     return out
 
@@ -63,13 +73,13 @@ def read_karpathy(path: str | os.PathLike, image_root: str | os.PathLike, split:
     data = _load_json(path)
     where = str(path)
     out = []
-    for i, img in enumerate(_need(data, "images", where)):
+    for i, img in enumerate(_need(data, "images", where, list)):
         w = f"{where} images[{i}]"
-        if _need(img, "split", w) not in KARPATHY_SPLITS[split]:
+        if _need(img, "split", w, str) not in KARPATHY_SPLITS[split]:
             continue
-        file = Path(image_root) / img.get("filepath", "") / _need(img, "filename", w)
+        file = Path(image_root) / str(img.get("filepath", "")) / _need(img, "filename", w, str)
         image_id = img.get("cocoid", img.get("imgid", i))
-        for j, sent in enumerate(_need(img, "sentences", w)):
-            raw = _need(sent, "raw", f"{w} sentences[{j}]")
+        for j, sent in enumerate(_need(img, "sentences", w, list)):
+            raw = _need(sent, "raw", f"{w} sentences[{j}]", str)
             out.append({"image_id": image_id, "image": str(file), "caption": raw})
     return out

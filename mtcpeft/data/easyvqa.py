@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from .coco import DataFormatError
+
 COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
 SHAPES = {"circle", "rectangle", "triangle"}
 PHRASINGS = (
@@ -20,7 +22,11 @@ PHRASINGS = (
 @lru_cache(maxsize=2)
 def scene_facts(split: str) -> dict[int, dict]:
     """image id -> {"color", "shape", "image" path, "questions": [(q, a)]} from easy-VQA's question set."""
-    import easy_vqa
+    try:
+        import easy_vqa
+    except ImportError:
+        raise DataFormatError("data.source=easyvqa needs the easy-vqa package: pip install easy-vqa (bash .ci/setup "
+                              "installs it), or set data.source to a dataset on disk") from None
 
     questions, answers, image_ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
     paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()

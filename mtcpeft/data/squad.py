@@ -149,7 +149,12 @@ def _read_rows(rows, where: str, b: _Builder, empty_is_impossible: bool) -> None
 
 def _load_json_or_lines(path: Path):
     """A JSON document, or the rows of a JSON-lines file (what ``Dataset.to_json`` writes)."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{path} is not valid JSON (not UTF-8 text); is it the right file?") from None
+    except OSError as e:
+        raise DataFormatError(f"cannot read {path}: {e.strerror}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

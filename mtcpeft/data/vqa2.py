@@ -9,7 +9,7 @@
   "question_type"}]}``; ``answer`` is ``multiple_choice_answer`` (the most common human answer);
 * images: COCO 2014 files named ``COCO_<subtype>_<12-digit id>.jpg`` (``COCO_val2014_000000000042.jpg``) or
   plain ``<12-digit id>.jpg``; ``image_pattern`` chooses (a format string with ``{image_id}`` and
-  ``{subtype}``), "auto" tries both on the first question's image.
+  ``{subtype}``), "auto" tries both on the first questions' images.
 
 The test split has no annotations: pass ``annotations=None`` and the examples get ``answers=[]`` and
 ``answer=None``, which is enough for prediction. Questions without an annotation, or whose annotation has no
@@ -55,28 +55,29 @@ def _need(obj, key: str, where: str, kind: type | tuple[type, ...]):
 
 
 def _image_path(root: Path, pattern: str, image_id: int, subtype: str | None) -> Path:
-    if "{subtype" in pattern and not subtype:
+    if ("{subtype" in pattern or "{split" in pattern) and not subtype:
         raise DataFormatError(f"image_pattern {pattern!r} needs the data subtype (e.g. 'val2014'): the questions file "
                               "has no 'data_subtype'; pass data_subtype=")
-    try:
-        return root / pattern.format(image_id=image_id, subtype=subtype)
+    try:  # {split}: what older configs called the subtype
+        return root / pattern.format(image_id=image_id, subtype=subtype, split=subtype)
     except (KeyError, IndexError, ValueError) as e:
         raise DataFormatError(f"image_pattern {pattern!r} cannot be filled ({e!r}); use the fields {{image_id}} "
                               "and {subtype}, e.g. 'COCO_{subtype}_{image_id:012d}.jpg'") from None
 
 
-def _pick_pattern(root: Path, pattern: str, image_id: int, subtype: str | None) -> str:
+def _pick_pattern(root: Path, pattern: str, image_ids: list[int], subtype: str | None) -> str:
+    """``pattern``, or for "auto" the naming under which one of ``image_ids`` (the first questions' images) exists:
+    a few missing images are skipped and counted later, not mistaken for a wrong naming."""
     if pattern != "auto":
         return pattern
-    tried = []
-    for cand in (COCO_PATTERN, PLAIN_PATTERN):
-        if "{subtype" in cand and not subtype:
-            continue
-        p = _image_path(root, cand, image_id, subtype)
-        if p.is_file():
-            return cand
-        tried.append(str(p))
-    raise DataFormatError(f"no image for image_id {image_id}: tried {', '.join(tried)}; check the image folder or "
+    cands = [c for c in (COCO_PATTERN, PLAIN_PATTERN) if subtype or "{subtype" not in c]
+    for image_id in image_ids:
+        for cand in cands:
+            if _image_path(root, cand, image_id, subtype).is_file():
+                return cand
+    tried = ", ".join(str(_image_path(root, c, image_ids[0], subtype)) for c in cands)
+    others = f" (nor for the next {len(image_ids) - 1} images)" if len(image_ids) > 1 else ""
+    raise DataFormatError(f"no image for image_id {image_ids[0]}: tried {tried}{others}; check the image folder or "
                           "set image_pattern (fields {image_id} and {subtype})")
 
 
@@ -101,7 +102,6 @@ def read_vqa2(questions: str | os.PathLike, annotations: str | os.PathLike | Non
                 raise DataFormatError(f"{awhere}: question_id {qid} is annotated twice")
             anns[qid] = ann
     root, report, out, seen = Path(image_root), VQAReport(), [], set()
-    pattern = None
     for i, q in enumerate(qs):
         qid = _need(q, "question_id", f"{qwhere} questions[{i}]", int)
         where = f"{qwhere} question_id {qid}"
@@ -133,11 +133,12 @@ def read_vqa2(questions: str | os.PathLike, annotations: str | os.PathLike | Non
                 report.no_answers.append(qid)
                 continue
             ex["answers"], ex["answer"] = answers, mc
-        if pattern is None:
-            pattern = _pick_pattern(root, image_pattern, image_id, subtype)
-        ex["image"] = str(_image_path(root, pattern, image_id, subtype))
         out.append(ex)
         report.kept += 1
+    if out:
+        pattern = _pick_pattern(root, image_pattern, [e["image_id"] for e in out[:100]], subtype)
+        for ex in out:
+            ex["image"] = str(_image_path(root, pattern, ex["image_id"], subtype))
     if anns is not None:
         report.unmatched_annotations = len(set(anns) - seen)
     return out, report
