@@ -236,7 +236,9 @@ def plan_runs(sweep: Sweep, cli_overrides: Sequence[str] = ()) -> list[RunPlan]:
                                  "differ); delete that folder to retrain it, or sweep into another --out")
         if (run_dir / "results.json").is_file():
             plan.action = "done"
-        elif (run_dir / "checkpoint" / "trainer_state.json").is_file():
+        elif run_dir.is_dir() and any(run_dir.iterdir()):
+            # an interrupted run of this very config (checked above): resume recovers its newest complete
+            # checkpoint (checkpoint, .tmp or .old) or starts from scratch, and never counts as a foreign folder
             plan.action = "resume"
         plans.append(plan)
     return plans

@@ -308,3 +308,17 @@ def test_real_two_run_sweep(tiny_lm_dir, tmp_path):
     assert Image.open(out / "ppl_bars.png").format == "PNG"
     again = cli.main(["--config", str(path), "--plot", "rank"])  # nothing left to train: seconds
     assert again == rows and (out / "ppl_rank.png").is_file()
+
+
+def test_interrupted_run_is_resumed_whatever_it_left(tmp_path):
+    """A run killed before its first complete checkpoint (only a plugin, or a checkpoint mid-swap) is resumed, not
+    retrained into a folder the trainer would refuse as a previous run."""
+    from mtcpeft.config import save_config
+
+    sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["lora-8", "bitfit"]}}))
+    first = plan_runs(sweep)
+    assert [p.action for p in first] == ["train", "train"]
+    for plan, leftover in zip(first, ("plugin", "checkpoint.tmp")):
+        save_config(plan.config, plan.dir / "config.yaml")
+        (plan.dir / leftover).mkdir()
+    assert [p.action for p in plan_runs(sweep)] == ["resume", "resume"]
