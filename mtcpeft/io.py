@@ -8,6 +8,7 @@ plugin or adapter folder): check before anything is built, refuse to replace a p
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 import os
 import shutil
@@ -51,13 +52,17 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out_dir``; on success it takes ``out_dir``'s place.
 
     An existing ``out_dir`` is replaced only when the new directory rewrites every entry it holds (a plugin over
-    a plugin): a folder of other files is refused, never deleted.
+    a plugin): a folder of other files is refused, never deleted. The finished directory is first renamed to
+    ``.<name>.*.ready``, so that a kill between moving the old one aside and moving the new one in leaves two
+    complete copies that :func:`recover_dir` puts back (the newer one).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UnsafeWriteError(f"{out} is an existing file, not a directory; choose a directory path")
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    ready = tmp.with_name(tmp.name[: -len(".tmp")] + ".ready")
     try:
         yield tmp
         if out.exists():
@@ -65,15 +70,31 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
             if lost:
                 raise UnsafeWriteError(f"{out} holds {_some(lost)}, which replacing it would delete; choose a new "
                                        "or empty directory")
+        os.replace(tmp, ready)
+        if out.exists():
             # the old directory moves aside under a fresh name (never onto an existing folder of the user's)
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old)
-            os.replace(tmp, out)
+            os.replace(ready, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)
+            os.replace(ready, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dir(out_dir: str | os.PathLike) -> bool:
+    """Put a directory written by :func:`atomic_dir` back in place after a kill between its two renames: the
+    newest complete new copy (``.ready``), else the previous one (``.old``). True when something was restored."""
+    out = Path(out_dir)
+    if out.exists() or not out.parent.is_dir():
+        return False
+    for suffix in (".ready", ".old"):
+        found = sorted(out.parent.glob(f".{glob.escape(out.name)}.*{suffix}"), key=lambda p: p.stat().st_mtime)
+        if found:
+            os.replace(found[-1], out)
+            return True
+    return False
 
 
 def remove_tree(path: str | os.PathLike) -> None:

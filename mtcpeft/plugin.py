@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .io import atomic_dir, first_nonfinite, save_tensors, write_json
+from .io import atomic_dir, first_nonfinite, recover_dir, save_tensors, write_json
 
 FORMAT_VERSION = 1
 KNOWN_VERSIONS = (1,)
@@ -272,6 +272,7 @@ def save_plugin(out_dir: str | os.PathLike, manifest: dict, tensors: dict[str, t
 def read_manifest(plugin_dir: str | os.PathLike) -> dict:
     """The validated manifest of a plugin directory (tensors not read)."""
     d = Path(plugin_dir)
+    recover_dir(d)  # a save killed between its two renames left complete copies beside it
     if not (d / MANIFEST).is_file() or not (d / TENSORS).is_file():
         raise PluginError(f"{d} is not a plugin directory: it needs {MANIFEST} and {TENSORS}")
     try:

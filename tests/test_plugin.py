@@ -69,6 +69,34 @@ def test_save_is_atomic_and_replaces_an_old_plugin(plugin, tmp_path):
     assert not torch.equal(tensors["lm.model." + name], model.adaptor_state_dict()[name])
 
 
+@pytest.mark.parametrize("kill_at", ["ready", "old", "in"])
+def test_a_save_killed_between_its_renames_leaves_a_loadable_plugin(plugin, tmp_path, monkeypatch, kill_at):
+    """Replacing a plugin renames the finished copy to .ready, the old one aside, then the new one in: a kill at
+    any of those renames leaves a plugin that loads (the new one once it was complete, else the old one)."""
+    import os
+
+    from mtcpeft import io
+
+    d, old_model = plugin
+    new_model = _model(seed=5)
+    real_replace = os.replace
+
+    def replace(src, dst):  # the kill hits the rename to .ready, the old copy's move aside, or the new one's move in
+        stage = "in" if str(src).endswith(".ready") else str(dst).rpartition(".")[2]
+        if stage == kill_at:
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_context_plugin(d, new_model, "caption", "AF")
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    _, tensors = load_plugin(d)
+    want = (new_model if kill_at == "in" else old_model).adaptor_state_dict()
+    name = next(iter(want))
+    assert torch.equal(tensors["lm.model." + name], want[name])
+
+
 A0 = "lm.model.model.layers.0.self_attn.q_proj.lora_A"
 B0 = "lm.model.model.layers.0.self_attn.q_proj.lora_B"
 
