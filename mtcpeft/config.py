@@ -174,7 +174,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # Adam betas
     weight_decay: float = 0.0  # decoupled weight decay
     grad_accum: int = 1  # micro-batches accumulated per optimizer step (DeepSpeed: its config's value wins)
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    mixed_precision: str = "auto"  # "auto" (bf16 where the GPU/CPU does bf16 natively, else fp32) | "no" | "fp16" | "bf16"
     max_grad_norm: float | None = None  # clip gradients to this norm; None = no clipping
     max_steps: int | None = None  # stop after this many optimizer steps; None = run all epochs
     eval_every_epochs: int = 1  # validate every N epochs (the best-validation epoch is reported)
@@ -189,7 +189,7 @@ class TrainConfig:
         _check(all(0.0 <= b < 1.0 for b in self.betas), "betas", "must both be in [0, 1)", self.betas)
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _check(self.grad_accum >= 1, "grad_accum", "must be >= 1", self.grad_accum)
-        _one_of("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _one_of("mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
         _positive_or_none("max_grad_norm", self.max_grad_norm)
         _positive_or_none("max_steps", self.max_steps)
         _check(self.eval_every_epochs >= 1, "eval_every_epochs", "must be >= 1", self.eval_every_epochs)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, save_config
 from .io import remove_tree, write_json
 from .losses import token_nll
+from .precision import resolve_precision
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint directory holding it is complete
@@ -78,18 +79,21 @@ def make_accelerator(train_cfg, output_dir: str, log: bool = True, find_unused_p
     ``find_unused_parameters``: DDP tolerates parameters a batch does not reach (the projector in a batch of
     text-only examples)."""
     configure_cpu_threads()
+    precision, why = resolve_precision(train_cfg.mixed_precision)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch / torchrun
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     if find_unused_parameters:
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(
+    acc = Accelerator(
         gradient_accumulation_steps=train_cfg.grad_accum,
-        mixed_precision=train_cfg.mixed_precision,
+        mixed_precision=precision,
         log_with="tensorboard" if log else None,
         project_dir=output_dir,
         kwargs_handlers=handlers,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    acc.print(f"precision: {'fp32' if precision == 'no' else precision} ({why})")
+    return acc
 
 
 def zero_stage(acc: Accelerator) -> int | None:

@@ -126,7 +126,7 @@ def test_bad_values_raise_naming_the_key(override, key):
 
 
 def test_enum_message_lists_choices():
-    with pytest.raises(ConfigError, match="must be one of 'no', 'fp16', 'bf16', got 'fp8'"):
+    with pytest.raises(ConfigError, match="must be one of 'auto', 'no', 'fp16', 'bf16', got 'fp8'"):
         load_config(None, ["train.mixed_precision=fp8"])
     with pytest.raises(ConfigError, match="'lora'.*'full'"):
         load_config(None, ["adaptor.kind=lorra"])
