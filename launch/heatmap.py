@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
 from mtcpeft.build import load_task_model  # noqa: E402
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.data.dataset import open_image  # noqa: E402
-from mtcpeft.heatmap import HeatmapError, overlay, save_head_panels, span_attention  # noqa: E402
+from mtcpeft.heatmap import overlay, save_head_panels, span_attention  # noqa: E402
 from mtcpeft.io import atomic_path  # noqa: E402
 
 
@@ -44,12 +44,8 @@ def main(argv: list[str] | None = None) -> Path:
         ap.error(f"image {args.image} does not exist")
     model, tokenizer, layout, task, manifest = load_task_model(args.plugin, lm=args.lm)
     image = open_image(args.image)
-    try:
-        sa = span_attention(model, tokenizer, layout, task, manifest, image, args.text, args.span, args.layer,
-                            args.question)
-    except HeatmapError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sa = span_attention(model, tokenizer, layout, task, manifest, image, args.text, args.span, args.layer,
+                        args.question)
     heat = sa.map()
     out = Path(args.out)
     if args.head_average:

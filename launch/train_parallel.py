@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.parallel import (LAUNCHERS, ParallelPlanError, check_configs, detect_devices, parse_runs,  # noqa: E402
+from mtcpeft.parallel import (LAUNCHERS, check_configs, detect_devices, parse_runs,  # noqa: E402
                               plan_runs, run_parallel, summary_table)
 from tasks import TASKS  # noqa: E402
 
@@ -61,15 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    try:
-        specs = parse_runs(args.tasks, TASKS.names())
-        devices = detect_devices()
-        plans = plan_runs(specs, devices, args.out, per_task=args.devices_per_task, launcher=args.launcher,
-                          config_dir=args.config_dir, common=args.overrides, sets=args.sets, overwrite=args.overwrite)
-        check_configs(plans)
-    except ParallelPlanError as e:  # the message names the fix
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    specs = parse_runs(args.tasks, TASKS.names())
+    devices = detect_devices()
+    plans = plan_runs(specs, devices, args.out, per_task=args.devices_per_task, launcher=args.launcher,
+                      config_dir=args.config_dir, common=args.overrides, sets=args.sets, overwrite=args.overwrite)
+    check_configs(plans)
     for p in plans:
         print(f"{p.name} ({p.task}): {p.devices()}, {p.processes} process{'es' if p.processes > 1 else ''}"
               f" -> {p.log}", file=sys.stderr)

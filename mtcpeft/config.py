@@ -21,12 +21,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import MtcpeftError
 from .io import atomic_path
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(MtcpeftError, ValueError):
     """A config problem; the message names the key, what is wrong and how to fix it."""
 
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import torch
+from .errors import MtcpeftError
 
 NO_CONTEXT = -1
 
 
-class ContextIdsError(ValueError):
+class ContextIdsError(MtcpeftError, ValueError):
     """``context_ids`` does not fit the model or the input (shape, dtype or range)."""
 
 

@@ -19,9 +19,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from .errors import MtcpeftError
 
 
-class HeatmapError(ValueError):
+class HeatmapError(MtcpeftError, ValueError):
     """The text, span, layer or model cannot give an attention map; the message says what to change."""
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from torch import nn
 
+from .errors import MtcpeftError
 from .adaptors.base import AdaptorConfig, ContextLayer, projection_dims
 from .contexts import Router
 
@@ -71,7 +72,7 @@ PRESETS: dict[str, Preset] = {
 PLACEMENTS = ("A", "F", "AF")
 
 
-class TargetError(ValueError):
+class TargetError(MtcpeftError, ValueError):
     """The requested targets do not match the model; the message lists candidate module names."""
 
 

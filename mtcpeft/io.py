@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
+from .errors import MtcpeftError
 
 # what a training run writes into its output_dir: the results of a finished (or interrupted) run ...
 RUN_RESULTS = ("plugin", "results.json", "checkpoint", "checkpoint.tmp", "checkpoint.old", "eval_*.json")
@@ -27,7 +28,7 @@ RUN_FILES = RUN_RESULTS + ("config.yaml", "tb", "features", "sweep.log", "sweep_
                            ".*.deleting")
 
 
-class UnsafeWriteError(ValueError):
+class UnsafeWriteError(MtcpeftError, ValueError):
     """Writing would lose files that are already there, cannot happen at all, or would save non-finite
     tensors; the message says what to do instead."""
 
@@ -139,6 +140,12 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def previous_run(path: str | os.PathLike) -> list[str]:
+    """The entries of ``path`` that a previous (finished or interrupted) training run left, sorted."""
+    p = Path(path)
+    return sorted(e for e in os.listdir(p) if _matches(e, RUN_RESULTS)) if p.is_dir() else []
+
+
 def check_writable_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
     """Create ``path`` if needed and prove that a file can be written in it, before hours of work depend on it."""
     p = Path(path)
@@ -170,7 +177,7 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool, c
         raise UnsafeWriteError(f"output_dir {p} is an existing file, not a directory; choose a directory path")
     if p.is_dir() and not resume:
         entries = sorted(os.listdir(p))
-        previous = [e for e in entries if _matches(e, RUN_RESULTS)]
+        previous = previous_run(p)
         foreign = [e for e in entries if not _matches(e, RUN_FILES)]
         if previous and not overwrite:
             raise UnsafeWriteError(f"output_dir {p} holds a previous run ({_some(previous)}); continue it with "

@@ -14,13 +14,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .errors import MtcpeftError
 from .adaptors import AdaptorConfig, ContextLayer, adaptor_config
 from .contexts import ContextIdsError, ContextVocab, Router, check_context_ids
 from .inject import inject
 from .io import save_tensors
 
 
-class AdaptorStateError(ValueError):
+class AdaptorStateError(MtcpeftError, ValueError):
     """An adaptor state does not fit this model (names, shapes, contexts or kind differ)."""
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from .errors import MtcpeftError
 from .io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ LAUNCHERS = ("accelerate", "python")
 RUN_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a directory and log-file name, and the prefix of --set RUN.key=value
 
 
-class ParallelPlanError(ValueError):
+class ParallelPlanError(MtcpeftError, ValueError):
     """The requested runs cannot be planned (names, devices, overrides); the message says what to change."""
 
 

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .errors import MtcpeftError
 from .io import atomic_dir, first_nonfinite, recover_dir, save_tensors, write_json
 
 FORMAT_VERSION = 1
@@ -44,7 +45,7 @@ REQUIRED_KEYS = ("format_version", "task", "contexts", "adaptor", "placement", "
                  "base_lm_fingerprint", "tensors")
 
 
-class PluginError(ValueError):
+class PluginError(MtcpeftError, ValueError):
     """A plugin directory is missing, incomplete, or does not fit the model it is loaded into."""
 
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
+from .errors import MtcpeftError
 
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(MtcpeftError, KeyError):
     """A lookup of a name that is not registered; the message lists the known names."""
 
     def __str__(self) -> str:  # KeyError would print the message inside quotes

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from .config import ConfigError, config_to_dict, load_config
-from .io import atomic_path, write_json
+from .io import atomic_path, previous_run, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "launch" / "train_task.py"
@@ -236,9 +236,9 @@ def plan_runs(sweep: Sweep, cli_overrides: Sequence[str] = ()) -> list[RunPlan]:
                                  "differ); delete that folder to retrain it, or sweep into another --out")
         if (run_dir / "results.json").is_file():
             plan.action = "done"
-        elif run_dir.is_dir() and any(run_dir.iterdir()):
+        elif previous_run(run_dir):
             # an interrupted run of this very config (checked above): resume recovers its newest complete
-            # checkpoint (checkpoint, .tmp or .old) or starts from scratch, and never counts as a foreign folder
+            # checkpoint (checkpoint, .tmp or .old) or starts from scratch; a new run would be refused there
             plan.action = "resume"
         plans.append(plan)
     return plans

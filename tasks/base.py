@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mtcpeft.errors import MtcpeftError
 from mtcpeft.config import ConfigError
 from mtcpeft.contexts import ContextVocab
 from mtcpeft.losses import IGNORE  # label of positions that take no loss
@@ -22,11 +23,11 @@ from mtcpeft.registry import Registry
 TASKS: Registry[type["Task"]] = Registry("task")
 
 
-class EmptyTargetError(ValueError):
+class EmptyTargetError(MtcpeftError, ValueError):
     """An example has nothing to learn (empty caption / answer); datasets count and skip these."""
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(MtcpeftError, ValueError):
     """An example's prompt does not fit the layout even after trimming; datasets count and skip these."""
 
 

@@ -1,7 +1,7 @@
 """Run a launch script's ``main`` in-process, as ``run_cli`` runs it: (exit status, result, stderr).
 
 Training scripts need ``train.mixed_precision=no`` (the tests' setting) here: accelerate fixes the precision of
-the whole process at its first Accelerator, and the offline configs say bf16."""
+the whole process at its first Accelerator, and the offline configs say auto (bf16 on a CPU that has it)."""
 from __future__ import annotations
 
 import importlib.util

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_overrides
+from mtcpeft.cli import run_cli
 from mtcpeft.heatmap import (
     HeatmapError, crop_box, eager_attention, encoder_grid, image_attention, overlay, span_attention, span_positions,
     sublist_index,
@@ -195,8 +196,8 @@ def test_heatmap_script_writes_pngs(trained_plugin, image_path, tmp_path):
     panels = script.main([*common, "--out", str(tmp_path / "panels.png")])
     with Image.open(panels) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1]  # all heads + 4 heads side by side
-    with pytest.raises(SystemExit) as e:
-        script.main([*common[:-4], "--span", "blue", "--layer", "0"])
+    with pytest.raises(SystemExit) as e:  # through run_cli, as the script's __main__ runs it
+        run_cli(lambda: script.main([*common[:-4], "--span", "blue", "--layer", "0"]))
     assert e.value.code == 2
 
 

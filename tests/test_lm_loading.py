@@ -9,7 +9,6 @@ import importlib.util
 import logging
 import os
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

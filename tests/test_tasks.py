@@ -1,6 +1,5 @@
 """Every registered task: sequence layout (positions, contexts, label mask), generation prompts, truncation, and
 batched left-padded generation equal to one-by-one generation."""
-from pathlib import Path
 
 import pytest
 import torch

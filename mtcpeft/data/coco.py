@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from ..errors import MtcpeftError
 
 
-class DataFormatError(ValueError):
+class DataFormatError(MtcpeftError, ValueError):
     """A dataset file is not in the format it claims to be; the message names the file and the field."""
 
 

@@ -10,10 +10,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..errors import MtcpeftError
 from .coco import DataFormatError
 
 
-class BadImageError(ValueError):
+class BadImageError(MtcpeftError, ValueError):
     """An image file is missing or cannot be decoded (and ``data.on_bad_image`` is "fail")."""
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from ..errors import MtcpeftError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _FIX = (
 )
 
 
-class LMNotFoundError(OSError):
+class LMNotFoundError(MtcpeftError, OSError):
     """The named LM cannot be found or loaded; the message says what to pass instead."""
 
 

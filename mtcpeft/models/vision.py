@@ -30,6 +30,7 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from ..errors import MtcpeftError
 from mtcpeft.io import save_tensors
 
 ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}  # the packaged weights need TF "same" padding
@@ -43,11 +44,11 @@ _WEIGHTS_FIX = (
 )
 
 
-class VisionWeightsError(RuntimeError):
+class VisionWeightsError(MtcpeftError, RuntimeError):
     """Encoder weights could not be found or do not fit the model; the message says what to pass instead."""
 
 
-class FeatureCacheMismatch(ValueError):
+class FeatureCacheMismatch(MtcpeftError, ValueError):
     """A feature cache was written by another encoder, other weights or other preprocessing."""
 
 
