@@ -6,21 +6,45 @@ applied to each token with the group of its context (Context-PEFT, arXiv 2312.08
 Storage: ``lora_A`` (C, r, d_in) and ``lora_B`` (C, r, d_out). Both keep the rank first because on CPU the
 weight-gradient matmuls that produce (r, d) run several times faster than those producing (d, r).
 
-Cost: tokens are taken in context order (the shared plan's permutation) one block of rows at a time: gathered,
-multiplied by their own A_c and B_c, and scattered back added onto the frozen output, so the only extra memory
-is a few MB of block buffers and the (L, r) hidden. Every token meets exactly one A and one B, so the work per
-token does not grow with the number of contexts (the official implementation multiplies every token by every
-context's A and masks: linear in C, and one non-finite weight of an unused context poisons every token through
-0 * inf). Measured against PEFT's LoRA layer in bench/RESULTS.md (``python bench/adaptors.py``).
+Cost: every token meets exactly one A and one B, so the work per token does not grow with the number of contexts
+(the official implementation multiplies every token by every context's A and masks: linear in C, and one
+non-finite weight of an unused context poisons every token through 0 * inf). Three implementations, chosen per
+forward by :meth:`ContextLoRALayer.adapt`, all in place on the frozen output:
+
+* run path (:class:`_RunLoRA`): when tokens come in runs of one context (contiguous spans, as real layouts put
+  image / question / answer segments; >= ``_MIN_MEAN_RUN`` tokens on average), each run is a slice of x and y
+  multiplied by its own A_c and B_c: no gather, no scatter, no buffer;
+* block loop (:class:`_GroupedLoRA`): otherwise, tokens are taken in context order (the shared plan's
+  permutation) one block of rows at a time: gathered, multiplied, scattered back, so the only extra memory is a
+  few MB of block buffers and the (L, r) hidden;
+* grouped GEMM (:class:`_GroupedMMLoRA`), on GPUs where it is fast (:func:`use_grouped_mm`): the block loop costs
+  ~3 kernel launches per block in forward and ~7 in backward, tens to hundreds per layer at 16 contexts, each a
+  tiny rank-r matmul that leaves the GPU idle between launches. Where ``torch.nn.functional.grouped_mm`` has its
+  CUTLASS kernel — CUDA devices of compute capability 9.x / 10.x (H100/H200, B200/GB200) in bfloat16 (bf16
+  weights or bf16 autocast) — each matmul over all context segments is ONE launch (2 grouped GEMMs forward, 4
+  backward, plus gathers and one scatter), with no host sync: the segment offsets come from the plan's counts,
+  already on the host. A GPU user should then expect the context-specific LoRA delta to cost about one plain
+  LoRA plus a gather of x and a scatter of the update (memory-bound copies of L x (d_in + d_out) elements), flat
+  in the number of contexts and segments. Elsewhere grouped_mm is slower than the block loop: on CPU (torch 2.14,
+  fp32, 1 thread) sort + grouped_mm measured 1.2-1.7x one plain LoRA's delta where the block loop measured
+  0.9-1.4x; on other GPUs and dtypes (A100 = SM80, RTX 40 = SM89, RTX 50 = SM120; fp16, fp32) torch runs a
+  fallback that copies the offsets to the host (a device sync per call) and loops over groups. Not measured here
+  (no GPU on this machine): an expectation from the kernel selection in torch's ``_grouped_mm_cuda``.
+
+Measured against PEFT's LoRA layer in bench/RESULTS.md (``python bench/adaptors.py``) and end to end in
+bench/RESULTS_train_step.md (``python bench/train_step.py``).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..contexts import RoutingPlan
 from .base import AdaptorConfig, ContextLayer, register_adaptor
@@ -31,13 +55,16 @@ from .base import AdaptorConfig, ContextLayer, register_adaptor
 _BLOCK_BYTES = 8 << 20
 
 
-def _blocks(counts: tuple[int, ...], rows: int):
-    """(context, start, stop) over the context-sorted live tokens, segments cut into blocks of <= rows."""
-    start = 0
+def _blocks(counts: tuple[int, ...], rows: int, perm: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor]]:
+    """(context, start, stop, perm[start:stop]) over the context-sorted live tokens, segments cut into blocks of
+    <= rows."""
+    out, start = [], 0
     for c, n in enumerate(counts):
         for s in range(start, start + n, rows):
-            yield c, s, min(s + rows, start + n)
+            e = min(s + rows, start + n)
+            out.append((c, s, e, perm[s:e]))
         start += n
+    return out
 
 
 class _GroupedLoRA(torch.autograd.Function):
@@ -46,7 +73,9 @@ class _GroupedLoRA(torch.autograd.Function):
     y (..., D) frozen-layer output, x (..., d) with N tokens, A (C, r, d), B (C, r, D), perm (L,) indices into
     the N flattened tokens, counts: C python ints.
     Tokens are gathered, multiplied and scattered back one block of rows at a time into two reused buffers,
-    so no (L, d) or (L, D) copy ever exists; saves only the index, the (L, r) hidden and x, A, B.
+    so no (L, d) or (L, D) copy ever exists; saves only the index, the unscaled (L, r) hidden and x, A, B.
+    The loop body is a handful of torch calls (scale folded into index_add_ / addmm_, per-context views taken
+    once per call): with short segments (small batches, many contexts) dispatch, not arithmetic, is the cost.
     """
 
     @staticmethod
@@ -56,42 +85,239 @@ class _GroupedLoRA(torch.autograd.Function):
         rows = max(256, _BLOCK_BYTES // (x.element_size() * (d + D)))
         h = x.new_empty(perm.shape[0], A.shape[1])  # (L, r), context order
         xs_buf, out_buf = x.new_empty(rows, d), x.new_empty(rows, D)
-        for c, s, e in _blocks(counts, rows):
-            xs = torch.index_select(xf, 0, perm[s:e], out=xs_buf[: e - s])
-            torch.mm(xs, A[c].t(), out=h[s:e])
-            h[s:e].mul_(scale)
-            yf.index_add_(0, perm[s:e], torch.mm(h[s:e], B[c], out=out_buf[: e - s]))
+        At, Bc = A.transpose(1, 2).unbind(0), B.unbind(0)  # (d, r) and (r, D) per context
+        blocks = _blocks(counts, rows, perm)
+        for c, s, e, idx in blocks:
+            xs = torch.index_select(xf, 0, idx, out=xs_buf[: e - s])
+            hs = torch.mm(xs, At[c], out=h[s:e])
+            yf.index_add_(0, idx, torch.mm(hs, Bc[c], out=out_buf[: e - s]), alpha=scale)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, A, B, perm, h)
-        ctx.counts, ctx.scale, ctx.rows = counts, scale, rows
+        ctx.blocks, ctx.scale, ctx.rows = blocks, scale, rows
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, A, B, perm, h = ctx.saved_tensors  # h already carries the scale
+        x, A, B, perm, h = ctx.saved_tensors  # h without the scale
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
-        rows, d, D = ctx.rows, x.shape[-1], g.shape[-1]
+        rows, scale, d, D = ctx.rows, ctx.scale, x.shape[-1], g.shape[-1]
         gf, xf = g.reshape(-1, D), x.reshape(-1, d)
         # weight grads are accumulated block by block: contexts without tokens keep exact zeros
         gA = torch.zeros_like(A) if need_A else None
         gB = torch.zeros_like(B) if need_B else None
+        gAc = gA.unbind(0) if need_A else None
+        gBc = gB.unbind(0) if need_B else None
         gx = gxf = None
         if need_x:  # every live token is written exactly once; -1 tokens (absent from perm) get zeros
             gx = x.new_empty(x.shape) if perm.shape[0] == xf.shape[0] else x.new_zeros(x.shape)
             gxf = gx.view(-1, d)  # written through a flat view; gx itself (x's shape) is returned
         gs_buf, xs_buf, gxs_buf = g.new_empty(rows, D), x.new_empty(rows, d), x.new_empty(rows, d)
-        for c, s, e in _blocks(ctx.counts, rows):
-            idx, n = perm[s:e], e - s
+        Ac, Bt = A.unbind(0), B.transpose(1, 2).unbind(0)  # (r, d) and (D, r) per context
+        for c, s, e, idx in ctx.blocks:
+            n = e - s
             gs = torch.index_select(gf, 0, idx, out=gs_buf[:n])  # (n, D)
             if need_B:
-                gB[c].addmm_(h[s:e].t(), gs)  # (r, D): the fast layout on CPU
+                gBc[c].addmm_(h[s:e].t(), gs, alpha=scale)  # (r, D): the fast layout on CPU
             if need_A or need_x:
-                gh = torch.mm(gs, B[c].t()).mul_(ctx.scale)  # (n, r)
+                gh = torch.mm(gs, Bt[c]).mul_(scale)  # (n, r)
                 if need_A:
-                    gA[c].addmm_(gh.t(), torch.index_select(xf, 0, idx, out=xs_buf[:n]))  # (r, d)
+                    gAc[c].addmm_(gh.t(), torch.index_select(xf, 0, idx, out=xs_buf[:n]))  # (r, d)
                 if need_x:
-                    gxf.index_copy_(0, idx, torch.mm(gh, A[c], out=gxs_buf[:n]))
+                    gxf.index_copy_(0, idx, torch.mm(gh, Ac[c], out=gxs_buf[:n]))
         return g, gx, gA, gB, None, None, None
+
+
+# ------------------------------------------------------------------------------------------- run path
+# Tokens are taken run by run (no gather) when their runs of one context are at least this long on average: below
+# it, the per-run matmul calls cost more than the gather / scatter copies of the block loop they save.
+_MIN_MEAN_RUN = 32
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """Maximal runs of one context in the flattened token order: ``lengths`` cover all N tokens (for ``split``),
+    ``contexts`` the run's context id (-1 runs are skipped), ``dead`` whether any token is -1."""
+
+    lengths: tuple[int, ...]
+    contexts: tuple[int, ...]
+    dead: bool
+
+
+_RUNS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # plan -> _Runs | None, found once per plan
+
+
+def _runs(plan: RoutingPlan) -> _Runs | None:
+    """The plan's runs if they are long enough to multiply in place (see ``_MIN_MEAN_RUN``), else None. One host
+    sync per plan (the forward's layers and its recomputation share the answer)."""
+    if plan in _RUNS:
+        return _RUNS[plan]
+    ids = plan.ids
+    change = torch.nonzero(ids[1:] != ids[:-1]).flatten()
+    runs = None
+    if (change.numel() + 1) * _MIN_MEAN_RUN <= plan.num_tokens:
+        ends = (change + 1).tolist() + [plan.num_tokens]
+        starts = [0] + ends[:-1]
+        lengths = tuple(e - s for s, e in zip(starts, ends))
+        runs = _Runs(lengths, tuple(ids[starts].tolist()), plan.live_mask is not None)
+    _RUNS[plan] = runs
+    return runs
+
+
+class _RunLoRA(torch.autograd.Function):
+    """The update of :class:`_GroupedLoRA` where tokens come in long runs of one context (contiguous spans, as real
+    layouts put them): each run is a contiguous slice of x and y, multiplied in place with its own A_c and B_c,
+    so there is no gather, no scatter and no block buffer.
+
+    y (..., D) frozen-layer output (updated in place), x (..., d), A (C, r, d), B (C, r, D), runs: :class:`_Runs`.
+    Saves x, A, B and the unscaled (N, r) hidden h (rows of -1 tokens unused).
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, A, B, runs, scale):
+        d, D = x.shape[-1], y.shape[-1]
+        yf, xf = y.view(-1, D), x.reshape(-1, d)
+        h = x.new_empty(xf.shape[0], A.shape[1])  # (N, r)
+        n = runs.lengths
+        At, Bc = A.transpose(1, 2).unbind(0), B.unbind(0)  # (d, r) and (r, D) per context
+        for c, xr, yr, hr in zip(runs.contexts, xf.split(n), yf.split(n), h.split(n)):
+            if c >= 0:
+                yr.addmm_(torch.mm(xr, At[c], out=hr), Bc[c], alpha=scale)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, A, B, h)
+        ctx.runs, ctx.scale = runs, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, A, B, h = ctx.saved_tensors
+        need_x, need_A, need_B = ctx.needs_input_grad[1:4]
+        runs, scale, d, D = ctx.runs, ctx.scale, x.shape[-1], g.shape[-1]
+        n = runs.lengths
+        gA = torch.zeros_like(A) if need_A else None  # contexts without tokens keep exact zeros
+        gB = torch.zeros_like(B) if need_B else None
+        gx = None
+        if need_x:  # every live row is written once; -1 rows get zeros
+            gx = x.new_zeros(x.shape) if runs.dead else x.new_empty(x.shape)
+        gxs = gx.view(-1, d).split(n) if need_x else [None] * len(n)
+        gAc = gA.unbind(0) if need_A else None
+        gBc = gB.unbind(0) if need_B else None
+        Ac, Bt = A.unbind(0), B.transpose(1, 2).unbind(0)  # (r, d) and (D, r) per context
+        for c, gr, xr, hr, gxr in zip(runs.contexts, g.reshape(-1, D).split(n), x.reshape(-1, d).split(n), h.split(n),
+                                      gxs):
+            if c < 0:
+                continue
+            if need_B:
+                gBc[c].addmm_(hr.t(), gr, alpha=scale)  # (r, D)
+            if need_A or need_x:
+                gh = torch.mm(gr, Bt[c]).mul_(scale)  # (n, r)
+                if need_A:
+                    gAc[c].addmm_(gh.t(), xr)  # (r, d)
+                if need_x:
+                    torch.mm(gh, Ac[c], out=gxr)
+        return g, gx, gA, gB, None, None
+
+
+# ----------------------------------------------------------------------------------------- grouped GEMM path
+GROUPED_MM = "auto"
+"""How context-grouped LoRA runs: ``"auto"`` (grouped GEMM where it has a fast kernel, see :func:`use_grouped_mm`;
+the block loop elsewhere), ``"always"`` (grouped GEMM wherever grouped_mm accepts the shapes, CPU included: for
+tests and measurements), ``"never"`` (the block loop everywhere). A module-level switch: set
+``mtcpeft.adaptors.lora.GROUPED_MM``."""
+
+_FAST_GROUPED_MM_MAJORS = (9, 10)  # compute capabilities with torch's CUTLASS bf16 grouped GEMM (SM90, SM100)
+
+
+@lru_cache(maxsize=None)
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def grouped_mm_layout_ok(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether grouped_mm accepts these operands: float dtypes, every row stride it sees (d_in, r, d_out) a multiple
+    of 16 bytes (8 elements in bf16), 16-byte aligned weights (not views at odd offsets of a flat buffer)."""
+    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    align = 16 // x.element_size()
+    dims_ok = all(n % align == 0 for n in (A.shape[1], A.shape[2], B.shape[2]))
+    return dims_ok and A.data_ptr() % 16 == 0 and B.data_ptr() % 16 == 0
+
+
+def use_grouped_mm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Grouped GEMM or block loop for the grouped path. x (..., d_in), A (C, r, d_in), B (C, r, d_out), one dtype.
+
+    ``"auto"``: grouped GEMM only on CUDA (not ROCm) devices of compute capability 9.x/10.x in bfloat16, where
+    torch's ``_grouped_mm_cuda`` takes its CUTLASS kernel; any other device, dtype or layout would take torch's
+    fallback (a host sync and a loop over groups), slower than the block loop.
+    """
+    if GROUPED_MM not in ("auto", "always", "never"):
+        raise ValueError(f"mtcpeft.adaptors.lora.GROUPED_MM is {GROUPED_MM!r}; set it to 'auto', 'always' or 'never'")
+    if GROUPED_MM == "never" or not grouped_mm_layout_ok(x, A, B):
+        return False
+    if GROUPED_MM == "always":
+        return True
+    return (x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16
+            and _cuda_major(x.device.index if x.device.index is not None else torch.cuda.current_device())
+            in _FAST_GROUPED_MM_MAJORS)
+
+
+_OFFSETS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # plan -> int32 offsets on the device, one copy per plan
+
+
+def _offsets(plan: RoutingPlan, device: torch.device) -> torch.Tensor:
+    """(C,) int32 end of each context's segment in the sorted live tokens (empty contexts repeat the previous
+    end), built once per plan and device: every layer of the forward and its recomputation share it."""
+    offs = _OFFSETS.get(plan)
+    if offs is None or offs.device != device:
+        offs = torch.tensor(list(itertools.accumulate(plan.counts)), dtype=torch.int32).to(device, non_blocking=True)
+        _OFFSETS[plan] = offs
+    return offs
+
+
+class _GroupedMMLoRA(torch.autograd.Function):
+    """The update of :class:`_GroupedLoRA` with one ``grouped_mm`` per matmul over all context segments.
+
+    y (..., D) frozen output (updated in place), x (..., d), A (C, r, d), B (C, r, D), perm (L,), offs (C,) int32
+    segment ends on x's device, counts: C python ints. Forward: xs = x[perm] (L, d), h = scale * xs A_c^T (L, r),
+    y[perm] += h B_c. Saves x, A, B, perm, offs and h; xs is gathered again in backward rather than kept.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, A, B, perm, offs, counts, scale):
+        d, D = x.shape[-1], y.shape[-1]
+        xs = x.reshape(-1, d).index_select(0, perm)  # (L, d), context order
+        h = F.grouped_mm(xs, A.transpose(1, 2), offs=offs).mul_(scale)  # (L, r)
+        y.view(-1, D).index_add_(0, perm, F.grouped_mm(h, B, offs=offs))
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, A, B, perm, offs, h)
+        ctx.counts, ctx.scale = counts, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, A, B, perm, offs, h = ctx.saved_tensors  # h already carries the scale
+        need_x, need_A, need_B = ctx.needs_input_grad[1:4]
+        d, D = x.shape[-1], g.shape[-1]
+        # a gathered, hence dense, upstream gradient: grouped_mm's own backward fails on stride-0 operands such as
+        # the expanded gradient of `.sum()`; .contiguous() is a no-op on the fresh gather, kept as the guarantee
+        gs = g.reshape(-1, D).index_select(0, perm).contiguous()  # (L, D)
+        gA = gB = gx = None
+        if need_B:
+            gB = F.grouped_mm(h.t(), gs, offs=offs)  # (C, r, D)
+        if need_A or need_x:
+            gh = F.grouped_mm(gs, B.transpose(1, 2), offs=offs).mul_(ctx.scale)  # (L, r)
+            if need_A:
+                gA = F.grouped_mm(gh.t(), x.reshape(-1, d).index_select(0, perm), offs=offs)  # (C, r, d)
+            if need_x:  # -1 tokens (absent from perm) get zeros
+                gx = x.new_empty(x.shape) if perm.shape[0] == x.shape[:-1].numel() else x.new_zeros(x.shape)
+                gx.view(-1, d).index_copy_(0, perm, F.grouped_mm(gh, A, offs=offs))
+        # contexts without tokens get exact zeros whatever the kernel leaves in an empty group (SM100 kernels have
+        # written non-zero weight gradients there: pytorch/pytorch#172439)
+        for c, n in enumerate(ctx.counts):
+            if n == 0:
+                for grad in (gA, gB):
+                    if grad is not None:
+                        grad[c].zero_()
+        return g, gx, gA, gB, None, None, None, None
 
 
 @dataclass
@@ -153,7 +379,14 @@ class ContextLoRALayer(ContextLayer):
         # under autocast y comes out in the low-precision dtype: run the grouped matmuls in y's dtype, explicitly
         dt = y.dtype
         with torch.autocast(y.device.type, enabled=False):
-            return _GroupedLoRA.apply(y, xd.to(dt), A.to(dt), B.to(dt), plan.perm, plan.counts, self.scale)
+            xd, A, B = xd.to(dt), A.to(dt), B.to(dt)
+            if use_grouped_mm(xd, A, B):  # one grouped GEMM per matmul (CUDA SM90/SM100, bf16)
+                offs = _offsets(plan, y.device)
+                return _GroupedMMLoRA.apply(y, xd, A, B, plan.perm, offs, plan.counts, self.scale)
+            runs = _runs(plan)
+            if runs is not None:  # long contiguous spans: in place, run by run
+                return _RunLoRA.apply(y, xd, A, B, runs, self.scale)
+            return _GroupedLoRA.apply(y, xd, A, B, plan.perm, plan.counts, self.scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.lora_A.shape[1]}, scale={self.scale:g}"
