@@ -62,7 +62,6 @@ def _reexec_with_env(args: argparse.Namespace) -> None:
 ARGS = _parse_args()
 _reexec_with_env(ARGS)
 
-import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -75,9 +74,10 @@ from typing import Callable  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _harness  # noqa: E402  (bench/ is the script's directory: the shared memory tracker)
+from _harness import peak_bytes  # noqa: E402
 from mtcpeft.adaptors import ContextLoRALayer, LoRAConfig  # noqa: E402
 from mtcpeft.contexts import Router  # noqa: E402
 
@@ -87,43 +87,9 @@ NOTES_BEGIN, NOTES_END = "<!-- notes:begin", "<!-- notes:end -->"
 
 
 # ----------------------------------------------------------------------------------------------- measurement
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of (bytes allocated - bytes freed) by the CPU allocator while ``fn`` runs, from profiler events.
-
-    Counts every allocation of the c10 CPU allocator (op outputs, autograd buffers, kernel workspaces); tensors
-    live before the call are the zero line, so freeing one of them lowers the running total below zero.
-    """
-    gc.collect()
-    sys.stderr.flush()
-    saved = os.dup(2)  # the profiler's C++ side logs start/stop lines to fd 2: silence them
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type().name == "CPU"]
-    cur = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
 def self_check_tracker() -> None:
     """The tracker must give the known answer on known allocations, else its numbers mean nothing."""
-
-    def known() -> None:
-        a = torch.empty(8 * MB, dtype=torch.uint8)
-        b = torch.empty(16 * MB, dtype=torch.uint8)
-        del a
-        c = torch.empty(4 * MB, dtype=torch.uint8)
-        del b, c
-
-    got = peak_bytes(known)
-    assert abs(got - 24 * MB) < 4096, f"tracker: expected 24 MB peak, got {got / MB:.3f} MB"
+    _harness.self_check_tracker()
     # y = x W^T on a frozen W, then y.backward(g): y (N, D) is alive while dx (N, d) is made -> N*(D+d)*4 bytes
     w = torch.randn(48, 32)
     x = torch.randn(4096, 32, requires_grad=True)
