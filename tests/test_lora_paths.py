@@ -1,7 +1,7 @@
-"""Context-LoRA's three grouped implementations give the same outputs and gradients: the block loop (gather /
-scatter by context), the run path (contiguous spans multiplied in place) and the grouped-GEMM path
-(torch.nn.functional.grouped_mm, the CUDA SM90/SM100 bf16 fast path, forced on CPU through the module switch);
-several context counts, empty contexts and -1 tokens, against each other and a dense per-token reference."""
+"""Context-LoRA's two grouped implementations give the same outputs and gradients: the grouped-GEMM path
+(torch.nn.functional.grouped_mm, the CUDA SM90/SM100 bf16 fast path, forced on CPU through the module switch) and
+the block loop; several context counts, empty contexts and -1 tokens, random and span layouts, against each other
+and a dense per-token reference."""
 import pytest
 import torch
 from torch import nn
@@ -14,14 +14,14 @@ from mtcpeft.contexts import Router
 
 HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm")
 needs_grouped_mm = pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch has no grouped_mm")
-PATHS = ["loop", "runs", pytest.param("grouped_mm", marks=needs_grouped_mm)]
+PATHS = ["loop", pytest.param("grouped_mm", marks=needs_grouped_mm)]
 D_IN, D_OUT, RANK = 16, 24, 8
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """Which implementation ran: counts of grouped_mm calls and of each autograd Function's forward."""
-    seen = {"grouped_mm": 0, "_GroupedLoRA": 0, "_RunLoRA": 0, "_GroupedMMLoRA": 0}
+    seen = {"grouped_mm": 0, "_GroupedLoRA": 0, "_GroupedMMLoRA": 0}
     if HAS_GROUPED_MM:
         real = torch.nn.functional.grouped_mm
 
@@ -30,7 +30,7 @@ def calls(monkeypatch):
             return real(*args, **kwargs)
 
         monkeypatch.setattr(torch.nn.functional, "grouped_mm", spy)
-    for name in ("_GroupedLoRA", "_RunLoRA", "_GroupedMMLoRA"):
+    for name in ("_GroupedLoRA", "_GroupedMMLoRA"):
         fn = getattr(lora, name)
         real_fwd = fn.forward
 
@@ -43,12 +43,11 @@ def calls(monkeypatch):
 
 
 def use_path(monkeypatch, path: str) -> None:
-    """Force one implementation: the run threshold and the grouped-GEMM switch are module-level."""
+    """Force one implementation through the module-level switch."""
     monkeypatch.setattr(lora, "GROUPED_MM", "always" if path == "grouped_mm" else "never")
-    monkeypatch.setattr(lora, "_MIN_MEAN_RUN", 1 if path == "runs" else 10**9)
 
 
-FUNCTION = {"loop": "_GroupedLoRA", "runs": "_RunLoRA", "grouped_mm": "_GroupedMMLoRA"}
+FUNCTION = {"loop": "_GroupedLoRA", "grouped_mm": "_GroupedMMLoRA"}
 
 
 def _ids(num_contexts: int, empty: set[int], dead: float, seed: int, layout: str, shape=(3, 11)) -> torch.Tensor:
@@ -128,16 +127,17 @@ def test_paths_match_the_dense_reference(path, num_contexts, empty, dead, layout
         assert (dA[c] == 0).all() and (dB[c] == 0).all(), f"empty context {c} must keep exact zero gradients"
 
 
+@needs_grouped_mm
 @pytest.mark.parametrize("layout", ["random", "spans"])
 @pytest.mark.parametrize("num_contexts,empty,dead", CASES)
-def test_paths_agree_with_each_other(num_contexts, empty, dead, layout, monkeypatch):
+def test_grouped_mm_agrees_with_the_block_loop(num_contexts, empty, dead, layout, monkeypatch):
     layer, router = _layer(num_contexts, seed=10 + num_contexts)
     ids = _ids(num_contexts, empty, dead, seed=10 + num_contexts, layout=layout)
     x, g = torch.randn(*ids.shape, D_IN), torch.randn(*ids.shape, D_OUT)
     loop = _run(layer, router, ids, x, g, "loop", monkeypatch)
-    for path in ["runs"] + (["grouped_mm"] if HAS_GROUPED_MM else []):
-        for name, a, b in zip(("y", "dx", "dA", "dB"), _run(layer, router, ids, x, g, path, monkeypatch), loop):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{path} vs loop {name}: {m}")
+    grouped = _run(layer, router, ids, x, g, "grouped_mm", monkeypatch)
+    for name, a, b in zip(("y", "dx", "dA", "dB"), grouped, loop):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"grouped_mm vs loop {name}: {m}")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -154,7 +154,7 @@ def test_stride0_upstream_gradient(path, monkeypatch):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_unused_non_finite_context_does_not_leak(path, monkeypatch):
-    """An empty context's weights never touch other tokens, whichever the implementation."""
+    """An empty context's weights never touch other tokens, on either implementation."""
     layer, router = _layer(3, seed=2)
     with torch.no_grad():
         layer.lora_A[1] = float("inf")
@@ -207,18 +207,6 @@ def test_model_trains_the_same_on_every_path(path, monkeypatch, calls):
     for k in grads_loop:
         torch.testing.assert_close(grads[k], grads_loop[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
         assert (grads[k][1] == 0).all(), f"{k}: the unused context must keep a zero gradient"
-
-
-def test_run_path_is_chosen_for_long_spans_only(calls):
-    """Default threshold: runs of >= 32 tokens on average go in place; fragmented (random) ids take the loop."""
-    layer, router = _layer(2, seed=6)
-    x = torch.randn(2, 64, D_IN)
-    router.route(torch.tensor([[0] * 40 + [1] * 24, [1] * 10 + [0] * 54]))  # 4 runs of 128 tokens
-    layer(x)
-    assert calls["_RunLoRA"] == 1
-    router.route(torch.randint(0, 2, (2, 64), generator=torch.Generator().manual_seed(0)))
-    layer(x)
-    assert calls["_GroupedLoRA"] == 1
 
 
 @needs_grouped_mm

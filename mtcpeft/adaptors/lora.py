@@ -9,14 +9,12 @@ weight-gradient matmuls that produce (r, d) run several times faster than those 
 Cost: every token meets exactly one A and one B, so the work per token does not grow with the number of contexts
 (the official implementation multiplies every token by every context's A and masks: linear in C, and one
 non-finite weight of an unused context poisons every token through 0 * inf). Three implementations, chosen per
-forward by :meth:`ContextLoRALayer.adapt`, all in place on the frozen output:
+forward by :meth:`ContextLoRALayer.adapt` (the grouped two update the frozen output in place):
 
-* run path (:class:`_RunLoRA`): when tokens come in runs of one context (contiguous spans, as real layouts put
-  image / question / answer segments; >= ``_MIN_MEAN_RUN`` tokens on average), each run is a slice of x and y
-  multiplied by its own A_c and B_c: no gather, no scatter, no buffer;
-* block loop (:class:`_GroupedLoRA`): otherwise, tokens are taken in context order (the shared plan's
-  permutation) one block of rows at a time: gathered, multiplied, scattered back, so the only extra memory is a
-  few MB of block buffers and the (L, r) hidden;
+* uniform: all live tokens in one context (context-agnostic PEFT, every decode step): two plain matmuls;
+* block loop (:class:`_GroupedLoRA`): tokens are taken in context order (the shared plan's permutation) one
+  block of rows at a time: gathered, multiplied by their own A_c and B_c, scattered back, so the only extra
+  memory is a few MB of block buffers and the (L, r) hidden;
 * grouped GEMM (:class:`_GroupedMMLoRA`), on GPUs where it is fast (:func:`use_grouped_mm`): the block loop costs
   ~3 kernel launches per block in forward and ~7 in backward, tens to hundreds per layer at 16 contexts, each a
   tiny rank-r matmul that leaves the GPU idle between launches. Where ``torch.nn.functional.grouped_mm`` has its
@@ -27,7 +25,8 @@ forward by :meth:`ContextLoRALayer.adapt`, all in place on the frozen output:
   LoRA plus a gather of x and a scatter of the update (memory-bound copies of L x (d_in + d_out) elements), flat
   in the number of contexts and segments. Elsewhere grouped_mm is slower than the block loop: on CPU (torch 2.14,
   fp32, 1 thread) sort + grouped_mm measured 1.2-1.7x one plain LoRA's delta where the block loop measured
-  0.9-1.4x; on other GPUs and dtypes (A100 = SM80, RTX 40 = SM89, RTX 50 = SM120; fp16, fp32) torch runs a
+  0.9-1.4x (12,288 tokens), and 1.05-1.12x vs the loop's 1.03-1.08x of a one-context layer with SmolLM2's
+  shapes at 1,024 tokens and 2-16 contexts (whole layer, forward + backward); on other GPUs and dtypes (A100 = SM80, RTX 40 = SM89, RTX 50 = SM120; fp16, fp32) torch runs a
   fallback that copies the offsets to the host (a device sync per call) and loops over groups. Not measured here
   (no GPU on this machine): an expectation from the kernel selection in torch's ``_grouped_mm_cuda``.
 
@@ -125,96 +124,6 @@ class _GroupedLoRA(torch.autograd.Function):
                 if need_x:
                     gxf.index_copy_(0, idx, torch.mm(gh, Ac[c], out=gxs_buf[:n]))
         return g, gx, gA, gB, None, None, None
-
-
-# ------------------------------------------------------------------------------------------- run path
-# Tokens are taken run by run (no gather) when their runs of one context are at least this long on average: below
-# it, the per-run matmul calls cost more than the gather / scatter copies of the block loop they save.
-_MIN_MEAN_RUN = 32
-
-
-@dataclass(frozen=True)
-class _Runs:
-    """Maximal runs of one context in the flattened token order: ``lengths`` cover all N tokens (for ``split``),
-    ``contexts`` the run's context id (-1 runs are skipped), ``dead`` whether any token is -1."""
-
-    lengths: tuple[int, ...]
-    contexts: tuple[int, ...]
-    dead: bool
-
-
-_RUNS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # plan -> _Runs | None, found once per plan
-
-
-def _runs(plan: RoutingPlan) -> _Runs | None:
-    """The plan's runs if they are long enough to multiply in place (see ``_MIN_MEAN_RUN``), else None. One host
-    sync per plan (the forward's layers and its recomputation share the answer)."""
-    if plan in _RUNS:
-        return _RUNS[plan]
-    ids = plan.ids
-    change = torch.nonzero(ids[1:] != ids[:-1]).flatten()
-    runs = None
-    if (change.numel() + 1) * _MIN_MEAN_RUN <= plan.num_tokens:
-        ends = (change + 1).tolist() + [plan.num_tokens]
-        starts = [0] + ends[:-1]
-        lengths = tuple(e - s for s, e in zip(starts, ends))
-        runs = _Runs(lengths, tuple(ids[starts].tolist()), plan.live_mask is not None)
-    _RUNS[plan] = runs
-    return runs
-
-
-class _RunLoRA(torch.autograd.Function):
-    """The update of :class:`_GroupedLoRA` where tokens come in long runs of one context (contiguous spans, as real
-    layouts put them): each run is a contiguous slice of x and y, multiplied in place with its own A_c and B_c,
-    so there is no gather, no scatter and no block buffer.
-
-    y (..., D) frozen-layer output (updated in place), x (..., d), A (C, r, d), B (C, r, D), runs: :class:`_Runs`.
-    Saves x, A, B and the unscaled (N, r) hidden h (rows of -1 tokens unused).
-    """
-
-    @staticmethod
-    def forward(ctx, y, x, A, B, runs, scale):
-        d, D = x.shape[-1], y.shape[-1]
-        yf, xf = y.view(-1, D), x.reshape(-1, d)
-        h = x.new_empty(xf.shape[0], A.shape[1])  # (N, r)
-        n = runs.lengths
-        At, Bc = A.transpose(1, 2).unbind(0), B.unbind(0)  # (d, r) and (r, D) per context
-        for c, xr, yr, hr in zip(runs.contexts, xf.split(n), yf.split(n), h.split(n)):
-            if c >= 0:
-                yr.addmm_(torch.mm(xr, At[c], out=hr), Bc[c], alpha=scale)
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(x, A, B, h)
-        ctx.runs, ctx.scale = runs, scale
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, A, B, h = ctx.saved_tensors
-        need_x, need_A, need_B = ctx.needs_input_grad[1:4]
-        runs, scale, d, D = ctx.runs, ctx.scale, x.shape[-1], g.shape[-1]
-        n = runs.lengths
-        gA = torch.zeros_like(A) if need_A else None  # contexts without tokens keep exact zeros
-        gB = torch.zeros_like(B) if need_B else None
-        gx = None
-        if need_x:  # every live row is written once; -1 rows get zeros
-            gx = x.new_zeros(x.shape) if runs.dead else x.new_empty(x.shape)
-        gxs = gx.view(-1, d).split(n) if need_x else [None] * len(n)
-        gAc = gA.unbind(0) if need_A else None
-        gBc = gB.unbind(0) if need_B else None
-        Ac, Bt = A.unbind(0), B.transpose(1, 2).unbind(0)  # (r, d) and (D, r) per context
-        for c, gr, xr, hr, gxr in zip(runs.contexts, g.reshape(-1, D).split(n), x.reshape(-1, d).split(n), h.split(n),
-                                      gxs):
-            if c < 0:
-                continue
-            if need_B:
-                gBc[c].addmm_(hr.t(), gr, alpha=scale)  # (r, D)
-            if need_A or need_x:
-                gh = torch.mm(gr, Bt[c]).mul_(scale)  # (n, r)
-                if need_A:
-                    gAc[c].addmm_(gh.t(), xr)  # (r, d)
-                if need_x:
-                    torch.mm(gh, Ac[c], out=gxr)
-        return g, gx, gA, gB, None, None
 
 
 # ----------------------------------------------------------------------------------------- grouped GEMM path
@@ -383,9 +292,6 @@ class ContextLoRALayer(ContextLayer):
             if use_grouped_mm(xd, A, B):  # one grouped GEMM per matmul (CUDA SM90/SM100, bf16)
                 offs = _offsets(plan, y.device)
                 return _GroupedMMLoRA.apply(y, xd, A, B, plan.perm, offs, plan.counts, self.scale)
-            runs = _runs(plan)
-            if runs is not None:  # long contiguous spans: in place, run by run
-                return _RunLoRA.apply(y, xd, A, B, runs, self.scale)
             return _GroupedLoRA.apply(y, xd, A, B, plan.perm, plan.counts, self.scale)
 
     def extra_repr(self) -> str:
