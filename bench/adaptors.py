@@ -78,8 +78,8 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _harness  # noqa: E402  (bench/ is the script's directory: the shared memory tracker)
 from _harness import peak_bytes  # noqa: E402
-from mtcpeft.adaptors import ContextLoRALayer, LoRAConfig  # noqa: E402
-from mtcpeft.contexts import Router  # noqa: E402
+from mtcpeft.core.adaptors import ContextLoRALayer, LoRAConfig  # noqa: E402
+from mtcpeft.core.contexts import Router  # noqa: E402
 
 MB = 1 << 20
 N_TOKENS, SEQ_LEN = 12_288, 128  # 96 sequences of 128 tokens

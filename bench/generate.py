@@ -13,7 +13,7 @@ Variants, per model and batch size, on one frozen LM (weights shared by every va
 cache, greedy, exactly ``--new`` new tokens per row (``min_new_tokens`` = ``max_new_tokens``):
 
 * ``HF base``: the LM without adaptor (for scale only);
-* ``PEFT LoRA``: the mtcpeft-agnostic adaptor exported with ``mtcpeft.interop.export_peft`` and loaded by
+* ``PEFT LoRA``: the mtcpeft-agnostic adaptor exported with ``mtcpeft.plugins.peft.export_peft`` and loaded by
   ``peft.PeftModel.from_pretrained`` — what a user of HF + PEFT runs;
 * ``mtcpeft agnostic``: ``ContextModel`` with one context, LoRA factors random (B non-zero);
 * ``mtcpeft specific``: contexts image, question, answer, each holding the agnostic factors; the prompt is an
@@ -67,7 +67,7 @@ from transformers import GenerationConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtcpeft import ContextModel, LoRAConfig  # noqa: E402
-from mtcpeft.interop import export_peft  # noqa: E402
+from mtcpeft.plugins.peft import export_peft  # noqa: E402
 from _harness import clone_sharing_weights, load_model  # noqa: E402
 
 TARGET = 0.95  # mtcpeft specific tokens/s >= 0.95 x PEFT's
@@ -232,7 +232,7 @@ def markdown(meta: dict, results: list[dict], notes: str) -> str:
         f"fp32, KV cache, greedy, prompt {meta['prompt']} tokens (mtcpeft specific: {meta['prompt'] // 2} image + "
         f"{meta['prompt'] - meta['prompt'] // 2} question), exactly {meta['new']} new tokens per row (answer), LoRA "
         f"rank {meta['rank']} on the \"AF\" modules; PEFT loads the mtcpeft-agnostic adaptor exported with "
-        "`mtcpeft.interop.export_peft`. Self-checked before timing: identical tokens and scores for PEFT and both "
+        "`mtcpeft.plugins.peft.export_peft`. Self-checked before timing: identical tokens and scores for PEFT and both "
         "mtcpeft models; mtcpeft's decode steps all on the no-sort path (`RoutingPlan.uniform` set). "
         f"{meta['warmup']} warm-up round(s) then {meta['rounds']} timed rounds, variants interleaved, order rotated; "
         "tokens/s counts the whole generate call (prompt forward included); `x PEFT` = median over rounds of the "

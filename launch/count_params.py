@@ -27,10 +27,10 @@ try:
 except ImportError:  # a fresh clone: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtcpeft.adaptors import ADAPTORS, adaptor_config
-from mtcpeft.inject import TargetError
+from mtcpeft.core.adaptors import ADAPTORS, adaptor_config
+from mtcpeft.core.inject import TargetError
+from mtcpeft.experiments.params import AGNOSTIC, build_lm, count_for, markdown_table, param_table
 from mtcpeft.models import LMNotFoundError
-from mtcpeft.params import AGNOSTIC, build_lm, count_for, markdown_table, param_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,17 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mtcpeft.build import config_from_manifest, load_task_model  # noqa: E402
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.config import ConfigError, config_from_dict, load_config  # noqa: E402
-from mtcpeft.evaluate import evaluate_task  # noqa: E402
+from mtcpeft.evaluation.evaluate import evaluate_task  # noqa: E402
 from mtcpeft.io import write_json  # noqa: E402
-from mtcpeft.train import configure_cpu_threads  # noqa: E402
-from mtcpeft.joint import build_joint_model, generated_group  # noqa: E402
-from mtcpeft.merge import route_map  # noqa: E402
-from mtcpeft.plugin import read_manifest  # noqa: E402
+from mtcpeft.plugins.manifest import read_manifest  # noqa: E402
+from mtcpeft.plugins.merge import route_map  # noqa: E402
+from mtcpeft.training.build import config_from_manifest, load_task_model  # noqa: E402
+from mtcpeft.training.joint import build_joint_model, generated_group  # noqa: E402
+from mtcpeft.training.trainer import configure_cpu_threads  # noqa: E402
 from tasks import TASKS, get_task  # noqa: E402
-from tasks.base import SequenceLayout  # noqa: E402
+from mtcpeft.data.task import SequenceLayout  # noqa: E402
 
 
 def positive_int(text: str) -> int:

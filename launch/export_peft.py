@@ -5,7 +5,7 @@
 
 The folder (adapter_config.json + adapter_model.safetensors) loads with
 ``peft.PeftModel.from_pretrained(base_lm, DIR)`` and computes what the plugin's model computes when every token
-takes that context (see mtcpeft/interop.py). The projector of an image plugin is not part of a PEFT adapter.
+takes that context (see mtcpeft/plugins/peft.py). The projector of an image plugin is not part of a PEFT adapter.
 An existing --out is replaced only if it holds a PEFT adapter and --overwrite is given.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.interop import PEFT_CONFIG, PEFT_WEIGHTS, export_peft  # noqa: E402
 from mtcpeft.io import check_output_dir  # noqa: E402
+from mtcpeft.plugins.peft import PEFT_CONFIG, PEFT_WEIGHTS, export_peft  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mtcpeft.build import load_task_model  # noqa: E402
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.config import ConfigError  # noqa: E402
 from mtcpeft.data.dataset import check_images, open_image  # noqa: E402
-from mtcpeft.generation import generate_texts  # noqa: E402
+from mtcpeft.evaluation.generation import generate_texts  # noqa: E402
 from mtcpeft.models.vision import image_transform  # noqa: E402
-from mtcpeft.plugin import read_manifest  # noqa: E402
+from mtcpeft.plugins.manifest import read_manifest  # noqa: E402
+from mtcpeft.training.build import load_task_model  # noqa: E402
 from tasks import get_task  # noqa: E402
 
 

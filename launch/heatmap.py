@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from mtcpeft.build import load_task_model  # noqa: E402
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.data.dataset import open_image  # noqa: E402
-from mtcpeft.heatmap import overlay, save_head_panels, span_attention  # noqa: E402
+from mtcpeft.evaluation.heatmap import overlay, save_head_panels, span_attention  # noqa: E402
 from mtcpeft.io import atomic_path  # noqa: E402
+from mtcpeft.training.build import load_task_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -13,7 +13,7 @@ builds a new group with ``--strategy`` average | ties (``--density``) | concat (
 default) allows one group per route. ``--projector TASK`` picks the projector when two plugins carry
 different ones. A YAML spec holds the same keys (plugins: {name: dir}, routes: {task.context: groups} or a
 list of "task.context=groups", strategy, density, projector, generated, task, out); command-line flags add to
-or override it. The unified plugin is written atomically; see mtcpeft/merge.py for the manifest. An existing
+or override it. The unified plugin is written atomically; see mtcpeft/plugins/merge.py for the manifest. An existing
 --out is replaced only if it holds a plugin and --overwrite is given, never if it is one of the sources or
 holds other files.
 """
@@ -31,8 +31,8 @@ import yaml  # noqa: E402
 
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.io import check_output_dir  # noqa: E402
-from mtcpeft.merge import STRATEGIES, MergeError, check_not_a_source, merge_to_dir  # noqa: E402
-from mtcpeft.plugin import MANIFEST, TENSORS  # noqa: E402
+from mtcpeft.plugins.manifest import MANIFEST, TENSORS  # noqa: E402
+from mtcpeft.plugins.merge import STRATEGIES, MergeError, check_not_a_source, merge_to_dir  # noqa: E402
 
 SPEC_KEYS = ("plugins", "routes", "strategy", "density", "projector", "generated", "task", "out")
 

@@ -7,7 +7,7 @@
 Positional ``key=value`` arguments override the config of every run (the sweep's axes still win). Each run trains
 into ``<out>/<run name>/`` (its log: ``sweep.log``); rerunning the command skips finished runs, resumes interrupted
 ones from their checkpoint and retries failed ones. Writes ``<out>/results.csv``, ``results.md`` and the plots
-(``ppl_bars.png``: Figure 3; ``ppl_rank.png``: Figure 4). Sweep file format: mtcpeft/sweep.py.
+(``ppl_bars.png``: Figure 3; ``ppl_rank.png``: Figure 4). Sweep file format: mtcpeft/experiments/sweep.py.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.plots import PLOT_FILES  # noqa: E402
-from mtcpeft.sweep import load_sweep, run_sweep, train_in_process, train_subprocess  # noqa: E402
+from mtcpeft.experiments.plots import PLOT_FILES  # noqa: E402
+from mtcpeft.experiments.sweep import load_sweep, run_sweep, train_in_process, train_subprocess  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

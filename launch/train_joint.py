@@ -27,12 +27,14 @@ from accelerate.utils import set_seed  # noqa: E402
 
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.config import ConfigError, load_config  # noqa: E402
-from mtcpeft.evaluate import evaluate_task  # noqa: E402
+from mtcpeft.evaluation.evaluate import evaluate_task  # noqa: E402
 from mtcpeft.io import UnsafeWriteError, prepare_run_dir, write_json  # noqa: E402
-from mtcpeft.joint import (build_joint_model, generated_group, joint_datasets, mixed_collate, routed_tasks,  # noqa: E402
+from mtcpeft.training.joint import (build_joint_model, generated_group, joint_datasets, mixed_collate, routed_tasks,  # noqa: E402
                            save_joint_plugin, task_data_config)
-from mtcpeft.merge import route_map  # noqa: E402
-from mtcpeft.train import Trainer, configure_cpu_threads, make_accelerator, trainable_digest, zero_stage  # noqa: E402
+from mtcpeft.plugins.merge import route_map  # noqa: E402
+from mtcpeft.training.trainer import (
+    Trainer, configure_cpu_threads, make_accelerator, trainable_digest, zero_stage,
+)  # noqa: E402
 from tasks import get_task  # noqa: E402
 
 

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.parallel import (LAUNCHERS, check_configs, detect_devices, parse_runs,  # noqa: E402
+from mtcpeft.experiments.parallel import (LAUNCHERS, check_configs, detect_devices, parse_runs,  # noqa: E402
                               plan_runs, run_parallel, summary_table)
 from tasks import TASKS  # noqa: E402
 

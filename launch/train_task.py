@@ -24,10 +24,10 @@ if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
 from accelerate.utils import set_seed  # noqa: E402
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.build import build_task_model, build_datasets, task_plugin  # noqa: E402
 from mtcpeft.config import load_config  # noqa: E402
 from mtcpeft.io import prepare_run_dir, write_json  # noqa: E402
-from mtcpeft.train import Trainer, configure_cpu_threads, make_accelerator  # noqa: E402
+from mtcpeft.training.build import build_task_model, build_datasets, task_plugin  # noqa: E402
+from mtcpeft.training.trainer import Trainer, configure_cpu_threads, make_accelerator  # noqa: E402
 from tasks import TASKS, get_task  # noqa: E402
 
 

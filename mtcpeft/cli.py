@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TypeVar
 
-from .errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 
 T = TypeVar("T")
 

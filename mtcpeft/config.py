@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import MtcpeftError
-from .io import atomic_path
+from mtcpeft.errors import MtcpeftError
+from mtcpeft.io import atomic_path
 
 T = TypeVar("T")
 
@@ -98,7 +98,7 @@ class AdaptorSpec:
     context_agnostic: bool = False  # one parameter group shared by all contexts instead of one per context
 
     def __post_init__(self):
-        from .adaptors import ADAPTORS  # here, not at import: keeps config importable without the layers
+        from mtcpeft.core.adaptors import ADAPTORS  # here, not at import: keeps config importable without the layers
 
         _one_of("kind", self.kind, ADAPTORS.names() + ["full"])
         _check(self.rank >= 1, "rank", "must be >= 1", self.rank)

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
-from .errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 
 # what a training run writes into its output_dir: the results of a finished (or interrupted) run ...
 RUN_RESULTS = ("plugin", "results.json", "checkpoint", "checkpoint.tmp", "checkpoint.old", "eval_*.json")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
-from .errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ from mtcpeft.config import ConfigError
 from mtcpeft.data.coco import read_coco_captions, read_karpathy
 from mtcpeft.data.easyvqa import easyvqa_captions
 
-from .base import Segment, SequenceLayout, Task, register_task
+from mtcpeft.data.task import Segment, SequenceLayout, Task, register_task
 
 CaptionLayout = SequenceLayout  # the captioning name of the shared layout
 
@@ -54,7 +54,7 @@ class CaptionTask(Task):
         return example["image_id"]
 
     def score(self, predictions: dict, examples: list[dict]) -> dict:
-        from mtcpeft.metrics.caption import caption_scores
+        from mtcpeft.evaluation.metrics.caption import caption_scores
 
         refs: dict = {}
         for e in examples:  # one example per caption: gather every reference of an image

@@ -11,7 +11,7 @@ normalisation (max over the gold answers); SQuAD v2.0 unanswerable questions are
 """
 from __future__ import annotations
 
-from .base import Segment, SequenceLayout, Task, register_task
+from mtcpeft.data.task import Segment, SequenceLayout, Task, register_task
 from .caption import need
 
 UNANSWERABLE = "unanswerable"
@@ -60,7 +60,7 @@ class QATask(Task):
         return example["id"]
 
     def score(self, predictions: dict, examples: list[dict]) -> dict:
-        from mtcpeft.metrics.squad import squad_scores
+        from mtcpeft.evaluation.metrics.squad import squad_scores
 
         gold = {e["id"]: ([] if e.get("impossible") else e["answers"]) for e in examples if e["id"] in predictions}
         preds = {k: ("" if v.strip().lower() == UNANSWERABLE else v) for k, v in predictions.items() if k in gold}

@@ -10,7 +10,7 @@ dataset's ``multiple_choice_answer`` (the most common human answer).
 """
 from __future__ import annotations
 
-from .base import Segment, SequenceLayout, Task, register_task
+from mtcpeft.data.task import Segment, SequenceLayout, Task, register_task
 from .caption import need, need_dir
 
 PROMPT = "Question: {question} Answer:"
@@ -59,7 +59,7 @@ class VQATask(Task):
         return example["question_id"]
 
     def score(self, predictions: dict, examples: list[dict]) -> dict:
-        from mtcpeft.metrics.vqa import vqa_accuracy
+        from mtcpeft.evaluation.metrics.vqa import vqa_accuracy
 
         refs = {e["question_id"]: e["answers"] for e in examples if e["question_id"] in predictions and e.get("answers")}
         scores = vqa_accuracy(predictions, refs)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
+import tasks  # noqa: F401  (registers the built-in tasks, as the launch scripts do)
+
 VOCAB = 128
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_overrides
-from mtcpeft.build import build_task_model, task_plugin
 from mtcpeft.config import load_config
-from mtcpeft.merge import merge_to_dir
+from mtcpeft.plugins.merge import merge_to_dir
+from mtcpeft.training.build import build_task_model, task_plugin
 from tasks import get_task
 
 LAYOUT = ["data.seq_len=160", "data.max_target_tokens=20"]  # one layout for every task (QA prompts are long)

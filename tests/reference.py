@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mtcpeft.adaptors import ContextBitFitLayer, ContextIA3Layer, ContextLoRALayer
+from mtcpeft.core.adaptors import ContextBitFitLayer, ContextIA3Layer, ContextLoRALayer
 
 
 def base_apply(layer, x):

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mtcpeft.adaptors import ADAPTORS, ContextIA3Layer, adaptor_config
-from mtcpeft.contexts import Router
+from mtcpeft.core.adaptors import ADAPTORS, ContextIA3Layer, adaptor_config
+from mtcpeft.core.contexts import Router
 from reference import naive_adapt, randomize_adaptors
 
 KINDS = [k for k in ADAPTORS.names() if ADAPTORS.get(k).layer_cls is not None]

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_overrides
-from mtcpeft.build import build_task_model, read_examples, task_plugin
 from mtcpeft.cli import run_cli
 from mtcpeft.config import ConfigError, load_config, save_config
 from mtcpeft.data.dataset import BadImageError, check_images
+from mtcpeft.training.build import build_task_model, read_examples, task_plugin
 from tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,9 +100,9 @@ def test_caption_image_folder_missing_names_the_key(tmp_path):
 
 
 def test_all_captions_empty(tiny_lm_dir, tmp_path):
-    from mtcpeft.build import build_datasets
+    from mtcpeft.training.build import build_datasets
     from mtcpeft.data.dataset import EmptySplitError
-    from tasks.base import SequenceLayout
+    from mtcpeft.data.task import SequenceLayout
     from tokenizer_fixture import make_tokenizer
 
     train = coco_set(tmp_path, "train", 3, captions=["", "  ", ""])
@@ -115,8 +115,8 @@ def test_all_captions_empty(tiny_lm_dir, tmp_path):
 
 
 def test_a_prompt_too_long_for_the_layout_is_skipped_and_counted(tmp_path):
-    from mtcpeft.build import build_datasets
-    from tasks.base import SequenceLayout
+    from mtcpeft.training.build import build_datasets
+    from mtcpeft.data.task import SequenceLayout
     from tokenizer_fixture import make_tokenizer
 
     doc = json.loads((FIX / "squad_v1_mini.json").read_text())

@@ -10,7 +10,7 @@ from mtcpeft.data.coco import DataFormatError, read_coco_captions, read_karpathy
 from mtcpeft.data.dataset import BadImageError, check_images
 from mtcpeft.data.easyvqa import easyvqa_captions
 from tasks import get_task
-from mtcpeft.losses import IGNORE
+from mtcpeft.core.losses import IGNORE
 from tasks.caption import CaptionLayout
 from tokenizer_fixture import make_tokenizer
 

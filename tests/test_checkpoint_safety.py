@@ -9,9 +9,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import mtcpeft.train as train_mod
-from mtcpeft.build import build_datasets, build_task_model
-from mtcpeft.train import CHECKPOINT, STATE_FILE, Trainer, recover_checkpoint
+import mtcpeft.training.trainer as train_mod
+from mtcpeft.training.build import build_datasets, build_task_model
+from mtcpeft.training.trainer import CHECKPOINT, STATE_FILE, Trainer, recover_checkpoint
 from tasks import get_task
 from test_train import tiny_run_config, trainable
 

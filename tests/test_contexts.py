@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mtcpeft.contexts import ContextIdsError, ContextVocab, Router, build_plan, check_context_ids
+from mtcpeft.core.contexts import ContextIdsError, ContextVocab, Router, build_plan, check_context_ids
 
 
 def test_vocab_ids_names_namespacing_and_remap():

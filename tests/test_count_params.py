@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
 from mtcpeft import ADAPTORS, ContextModel, adaptor_config
+from mtcpeft.experiments.params import AGNOSTIC, count_adaptor_params, count_for, count_lm_params
 from mtcpeft.models import load_lm
-from mtcpeft.params import AGNOSTIC, count_adaptor_params, count_for, count_lm_params
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "count_params.py"

@@ -9,8 +9,8 @@ import torch
 from cli_helpers import error_lines, run_script
 from conftest import tiny_lm, tiny_overrides
 from mtcpeft import ContextModel, LoRAConfig
-from mtcpeft.plugin import PluginError, load_plugin, save_context_plugin
-from mtcpeft.train import DivergenceError, Trainer
+from mtcpeft.plugins.manifest import PluginError, load_plugin, save_context_plugin
+from mtcpeft.training.trainer import DivergenceError, Trainer
 from test_train import run, tiny_run_config
 
 

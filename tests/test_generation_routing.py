@@ -119,7 +119,7 @@ def test_beam_search_with_cache_equals_without(family):
 
 def test_inconsistent_decoding_is_an_error_not_silent_misrouting():
     """If a transformers release fed steps in a way mtcpeft does not expect, the attention mask says so."""
-    from mtcpeft.model import GenerationRouting
+    from mtcpeft.core.model import GenerationRouting
 
     r = GenerationRouting(torch.zeros(2, 5, dtype=torch.long), generated=1, cached=True)
     assert r.step(2, 5, torch.ones(2, 5)).tolist() == [[0] * 5] * 2

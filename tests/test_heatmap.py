@@ -1,4 +1,4 @@
-"""Attention heatmaps (mtcpeft/heatmap.py, launch/heatmap.py): the map of a hand-built attention tensor against
+"""Attention heatmaps (mtcpeft/evaluation/heatmap.py, launch/heatmap.py): the map of a hand-built attention tensor against
 explicit sums, span lookup and its errors, and heatmaps from a tiny trained plugin."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import tiny_overrides
 from mtcpeft.cli import run_cli
-from mtcpeft.heatmap import (
+from mtcpeft.evaluation.heatmap import (
     HeatmapError, crop_box, eager_attention, encoder_grid, image_attention, overlay, span_attention, span_positions,
     sublist_index,
 )
@@ -139,7 +139,7 @@ def test_overlay_places_the_map_on_the_centre_square():
 # ----------------------------------------------------------------------------------------- tiny plugins
 @pytest.fixture(scope="module")
 def trained_plugin(tiny_lm_dir, tmp_path_factory):
-    from mtcpeft.sweep import reset_accelerate_state
+    from mtcpeft.experiments.sweep import reset_accelerate_state
 
     out = tmp_path_factory.mktemp("heat") / "run"
     reset_accelerate_state()  # another test may have fixed accelerate's mixed precision in this process
@@ -157,7 +157,7 @@ def image_path():
 
 @pytest.mark.slow
 def test_span_attention_from_a_trained_plugin(trained_plugin, image_path):
-    from mtcpeft.build import load_task_model
+    from mtcpeft.training.build import load_task_model
     from mtcpeft.data.dataset import open_image
 
     model, tok, layout, task, manifest = load_task_model(trained_plugin)
@@ -204,7 +204,7 @@ def test_heatmap_script_writes_pngs(trained_plugin, image_path, tmp_path):
 def test_context_agnostic_plugin_routes_every_token_to_the_shared_group(tiny_lm_dir, tmp_path, image_path):
     """An untrained (random, non-zero) context-agnostic plugin: the task's image/text ids are remapped to the one
     shared group, which the model would refuse otherwise."""
-    from mtcpeft.build import build_task_model, load_task_model, task_plugin
+    from mtcpeft.training.build import build_task_model, load_task_model, task_plugin
     from mtcpeft.config import load_config
     from mtcpeft.data.dataset import open_image
     from tasks import get_task

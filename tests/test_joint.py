@@ -8,7 +8,7 @@ import torch
 
 from joint_fixture import joint_overrides, unified_plugin
 from mtcpeft.config import load_config
-from mtcpeft.joint import build_joint_model, joint_datasets, mixed_collate
+from mtcpeft.training.joint import build_joint_model, joint_datasets, mixed_collate
 from tasks import get_task
 
 

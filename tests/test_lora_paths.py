@@ -8,9 +8,9 @@ from torch import nn
 
 from conftest import tiny_lm
 from mtcpeft import ContextModel, LoRAConfig
-from mtcpeft.adaptors import lora
-from mtcpeft.adaptors.lora import ContextLoRALayer, grouped_mm_layout_ok, use_grouped_mm
-from mtcpeft.contexts import Router
+from mtcpeft.core.adaptors import lora
+from mtcpeft.core.adaptors.lora import ContextLoRALayer, grouped_mm_layout_ok, use_grouped_mm
+from mtcpeft.core.contexts import Router
 
 HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm")
 needs_grouped_mm = pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch has no grouped_mm")

@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_lm
 from mtcpeft import ContextModel
-from mtcpeft.losses import IGNORE, mean_token_nll, positions_to_keep, token_nll
+from mtcpeft.core.losses import IGNORE, mean_token_nll, positions_to_keep, token_nll
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])

@@ -11,9 +11,9 @@ import yaml
 from conftest import VOCAB, tiny_lm
 from mtcpeft import ContextModel, LoRAConfig
 from mtcpeft.cli import run_cli
-from mtcpeft.merge import (MergeError, apply_plugin, load_sources, load_unified, merge_plugins, merge_to_dir,
+from mtcpeft.plugins.merge import (MergeError, apply_plugin, load_sources, load_unified, merge_plugins, merge_to_dir,
                            parse_route, projector_tensors, route_map, route_table, ties_merge)
-from mtcpeft.plugin import load_plugin, save_context_plugin, save_plugin
+from mtcpeft.plugins.manifest import load_plugin, save_context_plugin, save_plugin
 from reference import randomize_adaptors
 
 ROOT = Path(__file__).resolve().parents[1]

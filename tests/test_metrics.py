@@ -3,12 +3,12 @@ import math
 
 import pytest
 
-from mtcpeft.metrics import caption_scores, perplexity, squad_scores, vqa_accuracy
-from mtcpeft.metrics.caption import bleu4, cider_d, tokenize
-from mtcpeft.metrics.squad import normalize_answer as squad_norm
-from mtcpeft.metrics.squad import token_f1
-from mtcpeft.metrics.vqa import normalize_answer as vqa_norm
-from mtcpeft.metrics.vqa import vqa_example_accuracy
+from mtcpeft.evaluation.metrics import caption_scores, perplexity, squad_scores, vqa_accuracy
+from mtcpeft.evaluation.metrics.caption import bleu4, cider_d, tokenize
+from mtcpeft.evaluation.metrics.squad import normalize_answer as squad_norm
+from mtcpeft.evaluation.metrics.squad import token_f1
+from mtcpeft.evaluation.metrics.vqa import normalize_answer as vqa_norm
+from mtcpeft.evaluation.metrics.vqa import vqa_example_accuracy
 
 
 # ----------------------------------------------------------------------------------------------------- SQuAD

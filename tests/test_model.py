@@ -6,7 +6,7 @@ import torch
 
 from conftest import FAMILIES, VOCAB, tiny_lm
 from mtcpeft import ContextIdsError, ContextModel, TargetError, adaptor_config
-from mtcpeft.adaptors import ADAPTORS, ContextLayer
+from mtcpeft.core.adaptors import ADAPTORS, ContextLayer
 from reference import naive_adapt, randomize_adaptors
 
 KINDS = [k for k in ADAPTORS.names() if ADAPTORS.get(k).layer_cls is not None]

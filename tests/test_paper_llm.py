@@ -14,11 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from mtcpeft import PRESETS, ContextModel, adaptor_config
-from mtcpeft.adaptors import ContextIA3Layer, ContextLayer, ContextLoRALayer
+from mtcpeft.core.adaptors import ContextIA3Layer, ContextLayer, ContextLoRALayer
 from mtcpeft.models.paper_llm import (
     MODEL_TYPE, PaperLLMConfig, PaperLLMForCausalLM, build_paper_llm, paper_llm_config,
 )
-from mtcpeft.params import AGNOSTIC, FULL_FT, count_for, param_table
+from mtcpeft.experiments.params import AGNOSTIC, FULL_FT, count_for, param_table
 from reference import naive_adapt, randomize_adaptors
 from test_model import manual_greedy
 

@@ -13,8 +13,8 @@ import pytest
 from accelerate.commands.launch import launch_command_parser
 
 from conftest import tiny_overrides
-from mtcpeft import parallel
-from mtcpeft.parallel import (Devices, ParallelPlanError, RunSpec, log_tail, parse_runs, plan_runs, progress_text,
+from mtcpeft.experiments import parallel
+from mtcpeft.experiments.parallel import (Devices, ParallelPlanError, RunSpec, log_tail, parse_runs, plan_runs, progress_text,
                               split_evenly, visible_gpus)
 from tasks import TASKS
 

@@ -12,9 +12,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from conftest import VOCAB, tiny_lm
 from mtcpeft import ContextModel, LoRAConfig
 from mtcpeft.cli import run_cli
-from mtcpeft.interop import InteropError, export_peft, import_peft, peft_plugin
-from mtcpeft.merge import apply_plugin, load_unified
-from mtcpeft.plugin import load_plugin, save_context_plugin
+from mtcpeft.plugins.manifest import load_plugin, save_context_plugin
+from mtcpeft.plugins.merge import apply_plugin, load_unified
+from mtcpeft.plugins.peft import InteropError, export_peft, import_peft, peft_plugin
 from reference import randomize_adaptors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import VOCAB, tiny_lm
 from mtcpeft import ContextModel, LoRAConfig
-from mtcpeft.plugin import (MANIFEST, TENSORS, PluginError, check_compatible, lm_fingerprint, load_plugin,
+from mtcpeft.plugins.manifest import (MANIFEST, TENSORS, PluginError, check_compatible, lm_fingerprint, load_plugin,
                             read_manifest, save_context_plugin, save_plugin, validate_manifest)
 from reference import randomize_adaptors
 
@@ -41,7 +41,7 @@ def _rewrite(d, edit_manifest=None, edit_tensors=None):
 
 @pytest.mark.parametrize("kind", ["lora", "bitfit", "ia3"])
 def test_round_trip_rebuilds_the_same_outputs(kind, tmp_path):
-    from mtcpeft.merge import load_unified
+    from mtcpeft.plugins.merge import load_unified
 
     model = _model(kind)
     save_context_plugin(tmp_path / "p", model, "caption", "AF", base_lm="tiny-llama")

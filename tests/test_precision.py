@@ -2,7 +2,7 @@
 import pytest
 
 from mtcpeft.config import ConfigError, load_config
-from mtcpeft.precision import cpu_flags, resolve_precision
+from mtcpeft.training.precision import cpu_flags, resolve_precision
 
 XEON_NO_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
 SAPPHIRE_RAPIDS = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"

@@ -14,7 +14,7 @@ from mtcpeft.data.easyvqa import COLORS, SHAPES, scene_facts
 from mtcpeft.data.easyvqa_tasks import easyvqa_qa, easyvqa_vqa
 from mtcpeft.data.squad import BadAnswerError, read_squad
 from mtcpeft.data.vqa2 import read_vqa2
-from mtcpeft.metrics import vqa_accuracy
+from mtcpeft.evaluation.metrics import vqa_accuracy
 
 FIX = Path(__file__).parent / "fixtures"
 V1, V2 = FIX / "squad_v1_mini.json", FIX / "squad_v2_mini.json"

@@ -1,4 +1,4 @@
-"""Ablation sweeps (mtcpeft/sweep.py, mtcpeft/plots.py, launch/sweep.py): sweep-file expansion and checks, resume
+"""Ablation sweeps (mtcpeft/experiments/sweep.py, mtcpeft/experiments/plots.py, launch/sweep.py): sweep-file expansion and checks, resume
 of a half-finished sweep, the results tables and plots, and one real two-run sweep of a tiny model."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_overrides
-from mtcpeft.plots import COLOURS, make_plots
-from mtcpeft.sweep import (
+from mtcpeft.experiments.plots import COLOURS, make_plots
+from mtcpeft.experiments.sweep import (
     RunFailed, SweepError, last_error_line, load_sweep, plan_runs, run_sweep, train_subprocess,
 )
 

@@ -4,11 +4,11 @@ batched left-padded generation equal to one-by-one generation."""
 import pytest
 import torch
 
-from mtcpeft.build import build_task_model
-from mtcpeft.generation import generate_texts, left_pad
-from mtcpeft.losses import IGNORE
+from mtcpeft.core.losses import IGNORE
+from mtcpeft.evaluation.generation import generate_texts, left_pad
+from mtcpeft.training.build import build_task_model
 from tasks import TASKS, get_task
-from tasks.base import EmptyTargetError, SequenceLayout
+from mtcpeft.data.task import EmptyTargetError, SequenceLayout
 from test_train import tiny_run_config
 from tokenizer_fixture import make_tokenizer
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtcpeft.build import build_task_model, build_datasets, task_plugin, load_task_model
 from mtcpeft.config import RunConfig, load_config
-from mtcpeft.train import Trainer
+from mtcpeft.training.build import build_task_model, build_datasets, task_plugin, load_task_model
+from mtcpeft.training.trainer import Trainer
 from conftest import tiny_overrides
 from tasks import get_task
 

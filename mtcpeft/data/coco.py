@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from ..errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 
 
 class DataFormatError(MtcpeftError, ValueError):

@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 from .coco import DataFormatError
 
 

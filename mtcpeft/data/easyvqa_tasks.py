@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from mtcpeft.data.easyvqa import scene_facts
+from .easyvqa import scene_facts
 
 PASSAGES = (
     "The picture shows a {color} {shape} on a light background.",

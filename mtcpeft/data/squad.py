@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from mtcpeft.data.coco import DataFormatError
+from .coco import DataFormatError
 
 
 class BadAnswerError(DataFormatError):

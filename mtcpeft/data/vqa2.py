@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtcpeft.data.coco import DataFormatError, _load_json
+from .coco import DataFormatError, _load_json
 
 COCO_PATTERN = "COCO_{subtype}_{image_id:012d}.jpg"
 PLAIN_PATTERN = "{image_id:012d}.jpg"

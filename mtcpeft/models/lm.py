@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from ..errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ sampling), gradient checkpointing, and ``output_attentions=True`` returning per-
 the fused kernels never materialise the weights. Norms, the rotary embedding, ``apply_rotary_pos_emb`` and the
 eager attention kernel are transformers' own (the Llama ones).
 
-    from mtcpeft.models.paper_llm import build_paper_llm
+    from .paper_llm import build_paper_llm
     lm = build_paper_llm()                          # randomly initialised, 190.5M parameters
     lm = build_paper_llm(device="meta")             # shapes only: instant, for counting parameters
 """

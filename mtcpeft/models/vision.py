@@ -30,7 +30,7 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ..errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 from mtcpeft.io import save_tensors
 
 ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}  # the packaged weights need TF "same" padding

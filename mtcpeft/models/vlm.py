@@ -1,5 +1,5 @@
 """The composed task model: frozen vision encoder -> (trainable) projector -> image tokens spliced into the
-input embeddings of a frozen LM that carries per-context adaptors (:class:`mtcpeft.model.ContextModel`).
+input embeddings of a frozen LM that carries per-context adaptors (:class:`mtcpeft.core.model.ContextModel`).
 Text-only tasks have no encoder and no projector: the same class then simply forwards to the LM.
 
 Shapes: input_ids / context_ids / image_mask (B, S); pixel_values (B, 3, H, W) or cached image_features
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import mean_token_nll, positions_to_keep
-from ..model import ContextModel
+from mtcpeft.core.losses import mean_token_nll, positions_to_keep
+from mtcpeft.core.model import ContextModel
 
 
 class VisionLanguageModel(nn.Module):

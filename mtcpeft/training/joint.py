@@ -1,4 +1,4 @@
-"""Joint fine-tuning of a unified plugin (:mod:`mtcpeft.merge`) on mixed-task batches.
+"""Joint fine-tuning of a unified plugin (:mod:`mtcpeft.plugins.merge`) on mixed-task batches.
 
 Every task encodes its examples with its own contexts; the plugin's routing table maps them, token by token, to
 the unified groups (``vqa.question -> qa.question``), so one batch may hold caption, QA and VQA examples and no
@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, default_collate
 
+from mtcpeft.config import ConfigError, load_config
+from mtcpeft.models.lm import load_lm, load_tokenizer
+from mtcpeft.models.projector import Projector
+from mtcpeft.models.vision import build_vision_encoder
+from mtcpeft.models.vlm import VisionLanguageModel
+from mtcpeft.plugins.manifest import save_plugin
+from mtcpeft.plugins.merge import load_unified, projector_tensors, route_map, task_routes
 from .build import build_datasets
-from .config import ConfigError, load_config
-from .merge import load_unified, projector_tensors, route_map, task_routes
-from .models.lm import load_lm, load_tokenizer
-from .models.projector import Projector
-from .models.vision import build_vision_encoder
-from .models.vlm import VisionLanguageModel
-from .plugin import save_plugin
 
 IMAGE_KEYS = ("image_features", "pixel_values")
 
@@ -27,7 +27,7 @@ IMAGE_KEYS = ("image_features", "pixel_values")
 def build_joint_model(plugin_dir: str | Path, lm: str | None = None, check_base: bool = True):
     """(VisionLanguageModel over the plugin's groups, tokenizer, manifest): adaptors and projector loaded and
     trainable, everything else frozen."""
-    from .plugin import load_plugin
+    from mtcpeft.plugins.manifest import load_plugin
 
     manifest, tensors = load_plugin(plugin_dir)
     name = lm or manifest["base_lm"]
@@ -65,7 +65,7 @@ def joint_datasets(joint_cfg, tasks: list, model: VisionLanguageModel, tokenizer
                    data_overrides: dict[str, str] | None = None, progress: bool = True):
     """{"train": ConcatDataset of every task, "val": {task: dataset}, "reports": {task: {split: DataReport}},
     "layouts": {task: SequenceLayout}}; each task's context ids routed to the plugin's groups."""
-    from tasks.base import SequenceLayout
+    from mtcpeft.data.task import SequenceLayout
 
     T = model.encoder.num_tokens if model.encoder is not None else 0
     train, val, reports, layouts = [], {}, {}, {}

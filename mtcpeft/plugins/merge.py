@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adaptors import adaptor_config
-from .model import ContextModel
-from .plugin import (PluginError, adaptor_options, adaptor_param_names, adaptor_prefix, check_compatible,
+from mtcpeft.core.adaptors import adaptor_config
+from mtcpeft.core.model import ContextModel
+from .manifest import (PluginError, adaptor_options, adaptor_param_names, adaptor_prefix, check_compatible,
                      lm_fingerprint, load_plugin, save_plugin)
 
 STRATEGIES = ("keep", "average", "ties", "concat")

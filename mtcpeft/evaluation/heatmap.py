@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from .errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 
 
 class HeatmapError(MtcpeftError, ValueError):
@@ -140,10 +140,10 @@ def span_attention(model, tokenizer, layout, task, manifest: dict, image: Image.
     """Teacher-force ``text`` after the plugin's prompt for ``image`` (and ``question``, VQA) and return
     ``layer``'s attention.
 
-    ``model``, ``tokenizer``, ``layout``, ``task``, ``manifest``: as :func:`mtcpeft.build.load_task_model` returns.
+    ``model``, ``tokenizer``, ``layout``, ``task``, ``manifest``: as :func:`mtcpeft.training.build.load_task_model` returns.
     """
-    from .build import config_from_manifest, context_map
-    from .models.vision import image_transform
+    from mtcpeft.training.build import config_from_manifest, context_map
+    from mtcpeft.models.vision import image_transform
 
     if not task.uses_images or model.encoder is None:
         raise HeatmapError(f"the {task.name} plugin takes no image: heatmaps need an image task (caption)")
@@ -211,7 +211,7 @@ def save_head_panels(image: Image.Image, panels: Sequence[tuple[str, torch.Tenso
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from mtcpeft.io import atomic_path
 
     cols = min(5, len(panels))
     rows = math.ceil(len(panels) / cols)

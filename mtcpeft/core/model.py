@@ -2,7 +2,7 @@
 
 ``forward(input_ids, context_ids, ...)`` and ``generate(input_ids, context_ids, generated_context=...)`` keep
 Hugging Face semantics (labels -> loss, attention_mask, KV cache, beam search). The routing plan is built once
-per forward and shared by every adapted layer (see :mod:`mtcpeft.contexts`).
+per forward and shared by every adapted layer (see :mod:`mtcpeft.core.contexts`).
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
+from mtcpeft.io import save_tensors
 from .adaptors import AdaptorConfig, ContextLayer, adaptor_config
 from .contexts import ContextIdsError, ContextVocab, Router, check_context_ids
 from .inject import inject
-from .io import save_tensors
 
 
 class AdaptorStateError(MtcpeftError, ValueError):
@@ -85,7 +85,7 @@ class ContextModel(nn.Module):
         model: a Hugging Face causal LM (or any module whose projections a preset or pattern names).
         contexts: the context vocabulary, e.g. ``"image,text"``; one name = context-agnostic PEFT.
         adaptor: an :class:`AdaptorConfig` or a registered kind name ("lora", "bitfit", "ia3", "none").
-        targets: "A", "F", "AF" or module-name patterns (see :func:`mtcpeft.inject.resolve_targets`).
+        targets: "A", "F", "AF" or module-name patterns (see :func:`mtcpeft.core.inject.resolve_targets`).
         generated_context: the context of tokens produced by :meth:`generate` unless the call names one.
     """
 

@@ -7,18 +7,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.base import EmptyTargetError, PromptTooLongError
-
-from .adaptors import adaptor_config
-from .config import ConfigError, RunConfig, config_to_dict
-from .contexts import ContextVocab
-from .data.dataset import DataReport, EmptySplitError, EncodedDataset, check_images, open_image
-from .model import ContextModel
-from .models.lm import load_lm, load_tokenizer
-from .models.projector import Projector
-from .models.vision import build_vision_encoder, cached_features, image_transform
-from .models.vlm import VisionLanguageModel
-from .plugin import PluginError, lm_fingerprint, load_plugin, save_plugin
+from mtcpeft.config import ConfigError, RunConfig, config_to_dict
+from mtcpeft.core.adaptors import adaptor_config
+from mtcpeft.core.contexts import ContextVocab
+from mtcpeft.core.model import ContextModel
+from mtcpeft.data.dataset import DataReport, EmptySplitError, EncodedDataset, check_images, open_image
+from mtcpeft.data.task import EmptyTargetError, PromptTooLongError, get_task
+from mtcpeft.models.lm import load_lm, load_tokenizer
+from mtcpeft.models.projector import Projector
+from mtcpeft.models.vision import build_vision_encoder, cached_features, image_transform
+from mtcpeft.models.vlm import VisionLanguageModel
+from mtcpeft.plugins.manifest import PluginError, lm_fingerprint, load_plugin, save_plugin
 
 SHARED = "shared"  # the one context of a context-agnostic model
 
@@ -79,7 +78,7 @@ def build_task_model(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: C
                      images: bool | None = None):
     """(VisionLanguageModel, tokenizer, SequenceLayout) for ``task``; text-only tasks get no encoder/projector.
     ``vocab`` / ``images`` override the task's contexts and its need for images (a unified multi-task model)."""
-    from tasks.base import SequenceLayout
+    from mtcpeft.data.task import SequenceLayout
 
     ctx_lm = build_context_lm(cfg, task, lm, vocab)
     encoder = projector = None
@@ -200,7 +199,7 @@ def task_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str |
 
 def config_from_manifest(manifest: dict, lm: str | None = None) -> RunConfig:
     """A RunConfig that rebuilds the model a plugin was trained as (base LM, encoder, adaptor, layout)."""
-    from .config import RunConfig
+    from mtcpeft.config import RunConfig
 
     cfg = RunConfig(task=manifest["task"])
     cfg.model.lm = lm or manifest["base_lm"]
@@ -223,8 +222,6 @@ def config_from_manifest(manifest: dict, lm: str | None = None) -> RunConfig:
 
 def load_task_model(plugin_dir: str | Path, lm: str | None = None):
     """Rebuild (model, tokenizer, layout, task, manifest) from a task plugin; checks base LM and encoder."""
-    from tasks import get_task
-
     manifest, tensors = load_plugin(plugin_dir)
     task = get_task(manifest["task"])
     cfg = config_from_manifest(manifest, lm)

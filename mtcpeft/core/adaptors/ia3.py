@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from ..contexts import RoutingPlan
+from mtcpeft.core.contexts import RoutingPlan
 from .base import AdaptorConfig, ContextLayer, per_token_vectors, register_adaptor
 
 

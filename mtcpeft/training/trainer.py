@@ -28,9 +28,9 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .config import ConfigError, save_config
-from .io import remove_tree, write_json
-from .losses import token_nll
+from mtcpeft.config import ConfigError, save_config
+from mtcpeft.core.losses import token_nll
+from mtcpeft.io import remove_tree, write_json
 from .precision import resolve_precision
 
 CHECKPOINT = "checkpoint"

@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .adaptors.base import projection_dims
-from .io import save_tensors, write_json
-from .plugin import (DEFAULT_PREFIX, PluginError, adaptor_prefix, atomic_dir, load_plugin, lm_fingerprint,
+from mtcpeft.core.adaptors.base import projection_dims
+from mtcpeft.io import save_tensors, write_json
+from .manifest import (DEFAULT_PREFIX, PluginError, adaptor_prefix, atomic_dir, load_plugin, lm_fingerprint,
                      save_plugin)
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -52,7 +52,7 @@ class InteropError(PluginError):
 def _lora_source(source, prefix: str | None):
     """(manifest-like dict, tensors, prefix, conv1d module names) of a ContextModel, a plugin dir or (manifest,
     tensors)."""
-    from .model import ContextModel
+    from mtcpeft.core.model import ContextModel
 
     if isinstance(source, ContextModel):
         info = {"contexts": list(source.vocab.names), "adaptor": source.adaptor.to_dict(),
@@ -68,7 +68,7 @@ def _lora_source(source, prefix: str | None):
 
 def _gpt2_conv1d(targets: list[str]) -> set[str]:
     """Without the model at hand: GPT-2's preset projections are Conv1D (fan_in_fan_out in PEFT's terms)."""
-    from .inject import PRESETS
+    from mtcpeft.core.inject import PRESETS
 
     gpt2 = PRESETS["gpt2"]
     suffixes = gpt2.attention + gpt2.feedforward

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..contexts import Router, RoutingPlan
-from ..registry import Registry
+from mtcpeft.core.contexts import Router, RoutingPlan
+from mtcpeft.registry import Registry
 
 ADAPTORS: Registry[type["AdaptorConfig"]] = Registry("adaptor")
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 from .adaptors.base import AdaptorConfig, ContextLayer, projection_dims
 from .contexts import Router
 

@@ -3,9 +3,9 @@
 Each takes plain dicts — predictions {example id: text}, references {example id: [texts]} — and returns a dict of
 floats plus per-example scores.
 """
-from mtcpeft.metrics.caption import caption_scores
-from mtcpeft.metrics.perplexity import perplexity
-from mtcpeft.metrics.squad import squad_scores
-from mtcpeft.metrics.vqa import vqa_accuracy
+from .caption import caption_scores
+from .perplexity import perplexity
+from .squad import squad_scores
+from .vqa import vqa_accuracy
 
 __all__ = ["caption_scores", "perplexity", "squad_scores", "vqa_accuracy"]

@@ -16,7 +16,7 @@ A plugin is a directory:
     base_lm         where the base LM came from; base_lm_fingerprint: hash of its frozen weights
     tensors         {name: shape} of every tensor in adaptor.safetensors
     optional: task_contexts, generated_context, vision, projector, layout, adaptor_prefix (default
-    "lm.model."), and for merged plugins routes, generated, merge, sources (see :mod:`mtcpeft.merge`).
+    "lm.model."), and for merged plugins routes, generated, merge, sources (see :mod:`mtcpeft.plugins.merge`).
 
 Written atomically (a complete temporary directory is renamed into place; a folder holding other files is never
 replaced) and only with finite tensors; never pickle. Loading validates the
@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import MtcpeftError
-from .io import atomic_dir, first_nonfinite, recover_dir, save_tensors, write_json
+from mtcpeft.errors import MtcpeftError
+from mtcpeft.io import atomic_dir, first_nonfinite, recover_dir, save_tensors, write_json
 
 FORMAT_VERSION = 1
 KNOWN_VERSIONS = (1,)
@@ -67,7 +67,7 @@ def weights_fingerprint(module: torch.nn.Module, every: int = 4099) -> str:
 def lm_fingerprint(lm: nn.Module) -> str:
     """The ``base_lm_fingerprint`` of a causal LM or a ContextModel: the hash of its input embedding table (the
     one weight that is present and frozen in every PEFT run), as the task trainer records it."""
-    from .model import ContextModel
+    from mtcpeft.core.model import ContextModel
 
     inner = lm.model if isinstance(lm, ContextModel) else lm
     return weights_fingerprint(inner.get_input_embeddings())
@@ -81,7 +81,7 @@ def adaptor_prefix(manifest: dict) -> str:
 
 def adaptor_param_names(kind: str) -> tuple[str, ...]:
     """Per-context tensor names of an adaptor kind (``("lora_A", "lora_B")``), read from its layer class."""
-    from .adaptors import ADAPTORS  # late: the adaptors package is heavier than this file
+    from mtcpeft.core.adaptors import ADAPTORS  # late: the adaptors package is heavier than this file
 
     layer = ADAPTORS.get(kind).layer_cls
     return layer.adaptor_param_names if layer is not None else ()
@@ -119,7 +119,7 @@ def validate_manifest(manifest: dict, where: str = "") -> None:
     ``lora_A`` (C, rank, d_in) and ``lora_B`` (C, rank, d_out) with the manifest's rank, BitFit/IA3 (C, width),
     and routes (merged plugins) naming known contexts.
     """
-    from .adaptors import ADAPTORS, adaptor_config
+    from mtcpeft.core.adaptors import ADAPTORS, adaptor_config
 
     if not isinstance(manifest, dict):
         raise _fail(where, f"the manifest must be a JSON object, got {type(manifest).__name__}")
@@ -298,7 +298,7 @@ def load_plugin(plugin_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
 
 def context_plugin_manifest(model: nn.Module, task: str, placement: str | list[str], base_lm: str = "",
                             task_contexts: list[str] | None = None, generated_context: str | None = None) -> dict:
-    """The manifest of an LM-only plugin of a :class:`~mtcpeft.model.ContextModel` (tensors under ``lm.model.``).
+    """The manifest of an LM-only plugin of a :class:`~mtcpeft.core.model.ContextModel` (tensors under ``lm.model.``).
 
     ``placement``: what the model was built with (``"AF"`` or module-name patterns), so that it can be rebuilt.
     """

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Hashable, Mapping, Sequence
 
-from mtcpeft.metrics.vqa_maps import ARTICLES, CONTRACTIONS, NUMBER_WORDS, PUNCTUATION
+from .vqa_maps import ARTICLES, CONTRACTIONS, NUMBER_WORDS, PUNCTUATION
 
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" keeps its point)

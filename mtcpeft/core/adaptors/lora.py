@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..contexts import RoutingPlan
+from mtcpeft.core.contexts import RoutingPlan
 from .base import AdaptorConfig, ContextLayer, register_adaptor
 
 
@@ -131,7 +131,7 @@ GROUPED_MM = "auto"
 """How context-grouped LoRA runs: ``"auto"`` (grouped GEMM where it has a fast kernel, see :func:`use_grouped_mm`;
 the block loop elsewhere), ``"always"`` (grouped GEMM wherever grouped_mm accepts the shapes, CPU included: for
 tests and measurements), ``"never"`` (the block loop everywhere). A module-level switch: set
-``mtcpeft.adaptors.lora.GROUPED_MM``."""
+``mtcpeft.core.adaptors.lora.GROUPED_MM``."""
 
 _FAST_GROUPED_MM_MAJORS = (9, 10)  # compute capabilities with torch's CUTLASS bf16 grouped GEMM (SM90, SM100)
 
@@ -159,7 +159,7 @@ def use_grouped_mm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
     fallback (a host sync and a loop over groups), slower than the block loop.
     """
     if GROUPED_MM not in ("auto", "always", "never"):
-        raise ValueError(f"mtcpeft.adaptors.lora.GROUPED_MM is {GROUPED_MM!r}; set it to 'auto', 'always' or 'never'")
+        raise ValueError(f"mtcpeft.core.adaptors.lora.GROUPED_MM is {GROUPED_MM!r}; set it to 'auto', 'always' or 'never'")
     if GROUPED_MM == "never" or not grouped_mm_layout_ok(x, A, B):
         return False
     if GROUPED_MM == "always":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from .errors import MtcpeftError
+from mtcpeft.errors import MtcpeftError
 
 NO_CONTEXT = -1
 

@@ -1,7 +1,7 @@
 """Sweep plots as in Context-PEFT (arXiv 2312.08900): validation perplexity per adaptor x placement x
 context-agnostic/specific as grouped bars (Figure 3), and over LoRA rank as lines (Figure 4).
 
-Both read the rows of :func:`mtcpeft.sweep.collect_rows` (keys adaptor, rank, targets, agnostic, best_val_ppl,
+Both read the rows of :func:`mtcpeft.experiments.sweep.collect_rows` (keys adaptor, rank, targets, agnostic, best_val_ppl,
 status); runs without a perplexity (failed, not run yet) leave a gap. matplotlib with the Agg backend: no display.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def ppl_by_rank(rows: Sequence[dict], path: str | os.PathLike,
 
 
 def _save(fig, plt, path) -> Path:
-    from .io import atomic_path
+    from mtcpeft.io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -7,17 +7,17 @@ Every task lays an example out as a prompt followed by a target, left-aligned an
     loss only on the target (and its [EOS]); padding takes context -1 (no adaptor) and no attention.
 
 A task only lists its segments (:meth:`Task.segments`); packing, truncation and generation prompts are shared.
-Format readers live in :mod:`mtcpeft.data`, metrics in :mod:`mtcpeft.metrics`.
+Format readers live in :mod:`mtcpeft.data`, metrics in :mod:`mtcpeft.evaluation.metrics`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mtcpeft.errors import MtcpeftError
 from mtcpeft.config import ConfigError
-from mtcpeft.contexts import ContextVocab
-from mtcpeft.losses import IGNORE  # label of positions that take no loss
+from mtcpeft.core.contexts import ContextVocab
+from mtcpeft.core.losses import IGNORE  # label of positions that take no loss
+from mtcpeft.errors import MtcpeftError
 from mtcpeft.registry import Registry
 
 TASKS: Registry[type["Task"]] = Registry("task")

@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .build import build_datasets, image_input
+from mtcpeft.core.losses import token_nll
+from mtcpeft.training.build import build_datasets, image_input
 from .generation import generate_texts
-from .losses import token_nll
 
 
 @torch.no_grad()

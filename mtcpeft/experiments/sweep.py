@@ -43,8 +43,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .config import ConfigError, config_to_dict, load_config
-from .io import atomic_path, previous_run, write_json
+from mtcpeft.config import ConfigError, config_to_dict, load_config
+from mtcpeft.io import atomic_path, previous_run, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "launch" / "train_task.py"

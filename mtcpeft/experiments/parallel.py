@@ -9,7 +9,7 @@ Each run is ``launch/train_task.py --task TASK`` in its own process tree, starte
   with a distinct free port P per run (two DDP groups on one port would join each other's rendezvous).
 - CPU: the cores are cut into disjoint shares; each child is pinned to its share (``sched_setaffinity``, like
   ``taskset``) and told its thread count (OMP/MKL_NUM_THREADS, MTCPEFT_THREADS read by
-  :func:`mtcpeft.train.configure_cpu_threads`): two processes with default threading on two cores each start
+  :func:`mtcpeft.training.trainer.configure_cpu_threads`): two processes with default threading on two cores each start
   one thread per core and run several times slower. N > 1 on CPU is ``ACCELERATE_USE_CPU=1 accelerate launch
   --multi_gpu --num_processes N`` (``--cpu --num_processes N`` starts ONE process).
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from .errors import MtcpeftError
-from .io import write_json
+from mtcpeft.errors import MtcpeftError
+from mtcpeft.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "launch" / "train_task.py"
@@ -266,8 +266,8 @@ def plan_runs(specs: Sequence[RunSpec], devices: Devices, out: str | os.PathLike
 def check_configs(plans: Sequence[RunPlan]) -> None:
     """Load every run's config with its overrides and check its output directory (as train_task.py will), so a
     typo or a previous run in the way stops everything before anything starts."""
-    from .config import ConfigError, load_config
-    from .io import UnsafeWriteError, prepare_run_dir
+    from mtcpeft.config import ConfigError, load_config
+    from mtcpeft.io import UnsafeWriteError, prepare_run_dir
 
     for p in plans:
         try:

@@ -1,6 +1,6 @@
 """Count the parameters a context adaptor adds to an LM (shapes only: works on the meta device).
 
-The count reads each :class:`~mtcpeft.adaptors.ContextLayer`'s declared ``adaptor_param_names``, so a new
+The count reads each :class:`~mtcpeft.core.adaptors.ContextLayer`'s declared ``adaptor_param_names``, so a new
 adaptor kind is counted with no change here. Per context and targeted projection (d_in -> d_out): LoRA adds
 r * (d_in + d_out), BitFit d_out, IA3 the width it scales; everything is multiplied by the number of contexts.
 
@@ -17,9 +17,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .adaptors import AdaptorConfig, ContextLayer, adaptor_config
-from .contexts import ContextVocab
-from .model import ContextModel
+from mtcpeft.core.adaptors import AdaptorConfig, ContextLayer, adaptor_config
+from mtcpeft.core.contexts import ContextVocab
+from mtcpeft.core.model import ContextModel
 
 AGNOSTIC = "all"  # the one context of context-agnostic PEFT
 PAPER_LLM = "paper-llm"  # the paper's own LLM, built from its configuration (it has no public weights)
@@ -58,10 +58,10 @@ def build_lm(name: str | os.PathLike, *, random_init: bool = True) -> nn.Module:
     """:func:`mtcpeft.models.load_lm` (on the meta device with ``random_init``), plus ``"paper-llm"``: the
     paper's LLM has no weights anywhere, so it is always built from its configuration on the meta device."""
     if os.fspath(name).lower() == PAPER_LLM:
-        from .models.paper_llm import build_paper_llm
+        from mtcpeft.models.paper_llm import build_paper_llm
 
         return build_paper_llm(device="meta")
-    from .models.lm import load_lm
+    from mtcpeft.models.lm import load_lm
 
     return load_lm(name, device=torch.device("meta")) if random_init else load_lm(name)
 

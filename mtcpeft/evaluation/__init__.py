@@ -1,0 +1,1 @@
+"""Scoring trained models: perplexity and generation-based evaluation, batched generation, metrics, heatmaps."""

@@ -1,0 +1,1 @@
+"""Many runs at once: parallel per-task training, ablation sweeps, their plots and parameter counts."""
