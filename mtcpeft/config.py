@@ -412,6 +412,14 @@ def config_to_dict(cfg) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def flat_config(cfg) -> dict[str, Any]:
+    """A config (dataclass or nested dict) as one flat ``{"train.lr": 1e-4, ...}`` mapping of dotted keys."""
+    out = {}
+    for k, v in (config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        out.update({f"{k}.{key}": x for key, x in flat_config(v).items()} if isinstance(v, dict) else {k: v})
+    return out
+
+
 def save_config(cfg, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML, atomically; ``load_config(path)`` returns an equal config."""
     text = "# the exact config of this run; rerun with: --config <this file>\n"

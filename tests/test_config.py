@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from mtcpeft.config import (
-    AdaptorSpec, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict, load_config,
-    save_config,
+    AdaptorSpec, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict, flat_config,
+    load_config, save_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +153,13 @@ def test_save_load_round_trip(tmp_path):
     assert load_config(path) == cfg
     assert yaml.safe_load(path.read_text()) == config_to_dict(cfg)
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+def test_flat_config_has_dotted_keys():
+    flat = flat_config(load_config(None, ["train.lr=3e-4"]))
+    assert flat["train.lr"] == 3e-4 and flat["train.betas"] == [0.9, 0.95] and flat["task"] == "caption"
+    assert len(flat) == len([k for k in flat if "." in k]) + 3  # task, output_dir, seed at the top level
+    assert flat_config({"a": {"b": {"c": 1}}, "d": None}) == {"a.b.c": 1, "d": None}
 
 
 @dataclass

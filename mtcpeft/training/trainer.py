@@ -28,7 +28,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mtcpeft.config import ConfigError, save_config
+from mtcpeft.config import ConfigError, flat_config, save_config
 from mtcpeft.core.losses import perplexity, target_nll
 from mtcpeft.io import remove_tree, swap_dir, write_json
 from .precision import resolve_precision
@@ -404,15 +404,6 @@ def _keep_trainable(weights: list[dict], trainable: set[str]) -> None:
             del w[k]
 
 
-def _flat(cfg, prefix: str = "") -> dict:
-    """Nested dataclass config -> flat {"train.lr": 1e-4} of scalars (tensorboard hparams)."""
-    out = {}
-    for k, v in (asdict(cfg) if not isinstance(cfg, dict) else cfg).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
+def _flat(cfg) -> dict:
+    """Nested dataclass config -> flat {"train.lr": 1e-4} of scalars, others as text (tensorboard hparams)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}
