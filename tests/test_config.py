@@ -171,11 +171,17 @@ class Inner:  # module level: annotations are strings here and must resolve in t
 class Outer:
     inner: Inner = field(default_factory=Inner)
     scale: float | None = None
+    sizes: tuple[int, ...] = ()
 
 
 def test_custom_dataclass():
     cfg = load_config(None, ["inner.names=[a, b]", "scale=2"], cls=Outer)
     assert cfg == Outer(Inner(["a", "b"]), 2.0)
+    assert load_config(None, ["sizes=[1, 2, 3]"], cls=Outer).sizes == (1, 2, 3)
+    with pytest.raises(ConfigError, match=r"'sizes\[1\]' expects int, got str 'x'"):
+        load_config(None, ["sizes=[1, x]"], cls=Outer)
+    with pytest.raises(ConfigError, match=r"'inner.names\[0\]' expects str, got int 3"):
+        load_config(None, ["inner.names=[3]"], cls=Outer)
 
 
 def test_shipped_configs_found():
