@@ -39,7 +39,7 @@ def test_target_nll_sums_over_batches_as_one_batch():
     labels[3, 8:] = IGNORE
     batches = [dict(input_ids=ids[i:i + 2], context_ids=ctx[i:i + 2], labels=labels[i:i + 2]) for i in (0, 2)]
     nll, count = target_nll(m, batches)
-    full = m(ids, context_ids=ctx, labels=labels).loss  # Hugging Face's mean over all 4 examples
+    full = m(ids, context_ids=ctx, labels=labels).loss.detach()  # Hugging Face's mean over all 4 examples
     assert count == 4 * 4 - 2
     assert nll / count == pytest.approx(float(full), rel=1e-5)
     assert perplexity(nll, count) == pytest.approx(float(full.exp()), rel=1e-5)
