@@ -72,14 +72,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
                 raise UnsafeWriteError(f"{out} holds {_some(lost)}, which replacing it would delete; choose a new "
                                        "or empty directory")
         os.replace(tmp, ready)
-        if out.exists():
-            # the old directory moves aside under a fresh name (never onto an existing folder of the user's)
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old)
-            os.replace(ready, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(ready, out)
+        swap_dir(ready, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -96,6 +89,22 @@ def recover_dir(out_dir: str | os.PathLike) -> bool:
             os.replace(found[-1], out)
             return True
     return False
+
+
+def swap_dir(new: str | os.PathLike, dest: str | os.PathLike, aside: str | os.PathLike | None = None) -> None:
+    """Put the complete directory ``new`` in ``dest``'s place by renames alone: an existing ``dest`` is renamed to
+    ``aside`` (default: a fresh ``.<name>.*.old`` beside it, never an existing folder of the user's), ``new`` to
+    ``dest``, and only then is ``aside`` deleted. A kill at any moment leaves a complete copy under one of the
+    names, which :func:`recover_dir` (or the trainer's checkpoint recovery, with its fixed ``aside``) puts back."""
+    dest = Path(dest)
+    moved = None
+    if dest.exists():
+        moved = Path(aside) if aside is not None else Path(
+            tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        os.replace(dest, moved)
+    os.replace(new, dest)
+    if moved is not None:
+        remove_tree(moved)
 
 
 def remove_tree(path: str | os.PathLike) -> None:

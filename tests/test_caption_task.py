@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from mtcpeft.data.coco import DataFormatError, read_coco_captions, read_karpathy
+from mtcpeft.data.coco import read_coco_captions, read_karpathy
+from mtcpeft.data.records import DataFormatError
 from mtcpeft.data.dataset import BadImageError, check_images
 from mtcpeft.data.easyvqa import easyvqa_captions
 from tasks import get_task

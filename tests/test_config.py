@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from mtcpeft.config import (
-    AdaptorSpec, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict, load_config,
-    save_config,
+    AdaptorSpec, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, config_to_dict, flat_config,
+    load_config, save_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +155,13 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
 
 
+def test_flat_config_has_dotted_keys():
+    flat = flat_config(load_config(None, ["train.lr=3e-4"]))
+    assert flat["train.lr"] == 3e-4 and flat["train.betas"] == [0.9, 0.95] and flat["task"] == "caption"
+    assert len(flat) == len([k for k in flat if "." in k]) + 3  # task, output_dir, seed at the top level
+    assert flat_config({"a": {"b": {"c": 1}}, "d": None}) == {"a.b.c": 1, "d": None}
+
+
 @dataclass
 class Inner:  # module level: annotations are strings here and must resolve in the module's namespace
     names: list[str] = field(default_factory=list)
@@ -164,11 +171,17 @@ class Inner:  # module level: annotations are strings here and must resolve in t
 class Outer:
     inner: Inner = field(default_factory=Inner)
     scale: float | None = None
+    sizes: tuple[int, ...] = ()
 
 
 def test_custom_dataclass():
     cfg = load_config(None, ["inner.names=[a, b]", "scale=2"], cls=Outer)
     assert cfg == Outer(Inner(["a", "b"]), 2.0)
+    assert load_config(None, ["sizes=[1, 2, 3]"], cls=Outer).sizes == (1, 2, 3)
+    with pytest.raises(ConfigError, match=r"'sizes\[1\]' expects int, got str 'x'"):
+        load_config(None, ["sizes=[1, x]"], cls=Outer)
+    with pytest.raises(ConfigError, match=r"'inner.names\[0\]' expects str, got int 3"):
+        load_config(None, ["inner.names=[3]"], cls=Outer)
 
 
 def test_shipped_configs_found():

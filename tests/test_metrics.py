@@ -173,3 +173,4 @@ def test_perplexity():
     assert perplexity(4 * math.log(2), 2) == pytest.approx(4.0)  # mean NLL 2 log 2 -> e^(2 log 2) = 4
     with pytest.raises(ValueError, match="at least one scored token"):
         perplexity(0.0, 0)
+    assert perplexity(1e6, 1) == math.inf  # a diverged loss reads as inf, it does not raise OverflowError

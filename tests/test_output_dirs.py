@@ -8,7 +8,7 @@ import yaml
 
 from cli_helpers import error_lines, load_script, run_script
 from conftest import tiny_overrides
-from mtcpeft.io import UnsafeWriteError, atomic_dir, check_output_dir, prepare_run_dir
+from mtcpeft.io import UnsafeWriteError, atomic_dir, check_output_dir, prepare_run_dir, swap_dir
 from test_merge import _pair
 
 
@@ -225,3 +225,16 @@ def test_resume_with_another_adaptor_config_names_what_differs(tiny_lm_dir, tmp_
     assert "lora_A is [2, 8, " in line and "config keys that differ: adaptor.rank=8 (now 4)" in line, line
     assert snapshot(out / "checkpoint") == before
     assert yaml.safe_load((out / "config.yaml").read_text())["adaptor"]["rank"] == 8  # the run's config is kept
+
+
+def test_swap_dir_replaces_by_renames_and_leaves_nothing_else(tmp_path):
+    for aside in (None, tmp_path / "dest.old"):
+        (tmp_path / "dest").mkdir(exist_ok=True)
+        (tmp_path / "dest" / "old.txt").write_text("old")
+        (tmp_path / "new").mkdir()
+        (tmp_path / "new" / "new.txt").write_text("new")
+        swap_dir(tmp_path / "new", tmp_path / "dest", aside)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]  # the old copy is gone, wherever it went
+        assert [p.name for p in (tmp_path / "dest").iterdir()] == ["new.txt"]
+    swap_dir(tmp_path / "dest", tmp_path / "fresh")  # into a new name: a plain rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"]

@@ -9,7 +9,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from mtcpeft.data.coco import DataFormatError
+from mtcpeft.data.records import DataFormatError, need
 from mtcpeft.data.easyvqa import COLORS, SHAPES, scene_facts
 from mtcpeft.data.easyvqa_tasks import easyvqa_qa, easyvqa_vqa
 from mtcpeft.data.squad import BadAnswerError, read_squad
@@ -306,3 +306,15 @@ def test_easyvqa_splits_disjoint_caps_and_deterministic():
     assert easyvqa_qa("val", limit=300) == first
     with pytest.raises(ValueError, match="splits"):
         easyvqa_qa("test")
+
+
+@pytest.mark.parametrize("record, kind, message", [
+    ({}, int, "missing field 'id'"),
+    ([1], int, "missing field 'id'"),
+    ({"id": "7"}, int, "field 'id' should be int, got str"),
+    ({"id": True}, (str, int), "field 'id' should be str or int, got bool"),  # JSON true is not an id
+])
+def test_need_names_the_record_and_field(record, kind, message):
+    with pytest.raises(DataFormatError, match=f"^f.json qas\\[3\\]: {message}$"):
+        need(record, "id", "f.json qas[3]", kind)
+    assert need({"id": 7}, "id", "f.json", (str, int)) == 7 and need({"id": None}, "id", "f.json") is None

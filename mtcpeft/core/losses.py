@@ -2,6 +2,9 @@
 positions of the sequence (Hugging Face ``logits_to_keep``)."""
 from __future__ import annotations
 
+import math
+from typing import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -30,3 +33,27 @@ def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The usual causal-LM loss: mean NLL over every label token of the batch."""
     nll, n = token_nll(logits, labels)
     return nll.sum() / n.sum().clamp(min=1)
+
+
+def perplexity(nll_sum: float, count: int) -> float:
+    """exp(nll_sum / count): the exponentiated mean token NLL (natural log); inf when that overflows (a diverged
+    loss). ``count`` must be positive."""
+    if count <= 0:
+        raise ValueError(f"perplexity needs at least one scored token, got count={count}; check the labels")
+    mean = nll_sum / count
+    return math.exp(mean) if mean < 709.0 else math.inf
+
+
+@torch.no_grad()
+def target_nll(model, batches: Iterable[dict], gather: Callable | None = None) -> tuple[float, int]:
+    """Summed NLL and count of the label tokens of ``batches`` under ``model`` (teacher forcing): the numbers
+    :func:`perplexity` takes. ``gather``: collects each batch's (nll, count) tensors from every process
+    (accelerate's ``gather_for_metrics``); None on one process."""
+    nll, count = torch.zeros((), dtype=torch.float64), 0
+    for batch in batches:
+        per_ex, n = token_nll(model(**batch).logits, batch["labels"])  # logits may cover only the last positions
+        if gather is not None:
+            per_ex, n = gather((per_ex, n))
+        nll += per_ex.double().sum().cpu()
+        count += int(n.sum())
+    return float(nll), count

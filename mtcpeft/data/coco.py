@@ -10,56 +10,26 @@ One example per caption, as in the paper. Problems raise :class:`DataFormatError
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from mtcpeft.errors import MtcpeftError
 
-
-class DataFormatError(MtcpeftError, ValueError):
-    """A dataset file is not in the format it claims to be; the message names the file and the field."""
-
-
-def _load_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"annotation file {path} does not exist; check the data.* paths of the config")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download the file") from None
-    except UnicodeDecodeError:
-        raise DataFormatError(f"{path} is not valid JSON (not UTF-8 text); is it the right file?") from None
-    except OSError as e:
-        raise DataFormatError(f"cannot read {path}: {e.strerror}") from None
-
-
-def _need(obj: dict, key: str, where: str, kind: type | tuple[type, ...] | None = None):
-    """``obj[key]``, or DataFormatError naming the record and the field (missing, or not of type ``kind``)."""
-    if not isinstance(obj, dict) or key not in obj:
-        raise DataFormatError(f"{where}: missing field {key!r}")
-    value = obj[key]
-    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise DataFormatError(f"{where}: field {key!r} should be {names}, got {type(value).__name__}")
-    return value
+from .records import DataFormatError, load_json, need
 
 
 def read_coco_captions(annotations: str | os.PathLike, image_root: str | os.PathLike) -> list[dict]:
     """Official COCO caption JSON -> one example per caption, in annotation order."""
-    data = _load_json(annotations)
+    data = load_json(annotations)
     where = str(annotations)
     files = {}
-    for i, img in enumerate(_need(data, "images", where, list)):
+    for i, img in enumerate(need(data, "images", where, list)):
         w = f"{where} images[{i}]"
-        files[_need(img, "id", w, (int, str))] = _need(img, "file_name", w, str)
+        files[need(img, "id", w, (int, str))] = need(img, "file_name", w, str)
     out = []
-    for i, ann in enumerate(_need(data, "annotations", where, list)):
-        image_id = _need(ann, "image_id", f"{where} annotations[{i}]", (int, str))
+    for i, ann in enumerate(need(data, "annotations", where, list)):
+        image_id = need(ann, "image_id", f"{where} annotations[{i}]", (int, str))
         if image_id not in files:
             raise DataFormatError(f"{where} annotations[{i}]: image_id {image_id} is not listed in 'images'")
-        caption = _need(ann, "caption", f"{where} annotations[{i}]", str)
+        caption = need(ann, "caption", f"{where} annotations[{i}]", str)
         out.append({"image_id": image_id, "image": str(Path(image_root) / files[image_id]), "caption": caption})
     return out
 
@@ -71,16 +41,16 @@ def read_karpathy(path: str | os.PathLike, image_root: str | os.PathLike, split:
     """Karpathy ``dataset_coco.json`` -> examples of one split ("train" includes "restval")."""
     if split not in KARPATHY_SPLITS:
         raise DataFormatError(f"unknown Karpathy split {split!r}; use one of {sorted(KARPATHY_SPLITS)}")
-    data = _load_json(path)
+    data = load_json(path)
     where = str(path)
     out = []
-    for i, img in enumerate(_need(data, "images", where, list)):
+    for i, img in enumerate(need(data, "images", where, list)):
         w = f"{where} images[{i}]"
-        if _need(img, "split", w, str) not in KARPATHY_SPLITS[split]:
+        if need(img, "split", w, str) not in KARPATHY_SPLITS[split]:
             continue
-        file = Path(image_root) / str(img.get("filepath", "")) / _need(img, "filename", w, str)
+        file = Path(image_root) / str(img.get("filepath", "")) / need(img, "filename", w, str)
         image_id = img.get("cocoid", img.get("imgid", i))
-        for j, sent in enumerate(_need(img, "sentences", w, list)):
-            raw = _need(sent, "raw", f"{w} sentences[{j}]", str)
+        for j, sent in enumerate(need(img, "sentences", w, list)):
+            raw = need(sent, "raw", f"{w} sentences[{j}]", str)
             out.append({"image_id": image_id, "image": str(file), "caption": raw})
     return out

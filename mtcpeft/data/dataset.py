@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mtcpeft.errors import MtcpeftError
-from .coco import DataFormatError
+from .records import DataFormatError
 
 
 class BadImageError(MtcpeftError, ValueError):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .coco import DataFormatError
+from .records import DataFormatError, need
 
 
 class BadAnswerError(DataFormatError):
@@ -50,16 +50,6 @@ class QAReport:
                 f"answers dropped: {len(self.misplaced)} not at answer_start, {len(self.absent)} not in the passage; "
                 f"{len(self.no_answers)} questions without a usable answer skipped, "
                 f"{self.impossible_dropped} unanswerable questions dropped")
-
-
-def _need(obj, key: str, where: str, kind: type | tuple[type, ...]):
-    if not isinstance(obj, dict) or key not in obj:
-        raise DataFormatError(f"{where}: missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise DataFormatError(f"{where}: field {key!r} should be {names}, got {type(value).__name__}")
-    return value
 
 
 class _Builder:
@@ -112,31 +102,31 @@ class _Builder:
 
 
 def _read_official(data: dict, where: str, b: _Builder) -> None:
-    for i, article in enumerate(_need(data, "data", where, list)):
+    for i, article in enumerate(need(data, "data", where, list)):
         wa = f"{where} data[{i}]"
-        for j, para in enumerate(_need(article, "paragraphs", wa, list)):
+        for j, para in enumerate(need(article, "paragraphs", wa, list)):
             wp = f"{wa} paragraphs[{j}]"
-            context = _need(para, "context", wp, str)
-            for k, qa in enumerate(_need(para, "qas", wp, list)):
-                qid = str(_need(qa, "id", f"{wp} qas[{k}]", (str, int)))
+            context = need(para, "context", wp, str)
+            for k, qa in enumerate(need(para, "qas", wp, list)):
+                qid = str(need(qa, "id", f"{wp} qas[{k}]", (str, int)))
                 wq = f"{where} question {qid}"
-                question = _need(qa, "question", wq, str)
+                question = need(qa, "question", wq, str)
                 impossible = bool(qa.get("is_impossible", False))
-                answers = [] if impossible and "answers" not in qa else _need(qa, "answers", wq, list)
-                pairs = [(_need(a, "text", f"{wq} answers[{n}]", str),
-                          _need(a, "answer_start", f"{wq} answers[{n}]", int)) for n, a in enumerate(answers)]
+                answers = [] if impossible and "answers" not in qa else need(qa, "answers", wq, list)
+                pairs = [(need(a, "text", f"{wq} answers[{n}]", str),
+                          need(a, "answer_start", f"{wq} answers[{n}]", int)) for n, a in enumerate(answers)]
                 b.add(qid, context, question, pairs, impossible, wq)
 
 
 def _read_rows(rows, where: str, b: _Builder, empty_is_impossible: bool) -> None:
     for r, row in enumerate(rows):
-        qid = str(_need(row, "id", f"{where} row {r}", (str, int)))
+        qid = str(need(row, "id", f"{where} row {r}", (str, int)))
         wq = f"{where} question {qid}"
-        context = _need(row, "context", wq, str)
-        question = _need(row, "question", wq, str)
-        answers = _need(row, "answers", wq, dict)
-        texts = _need(answers, "text", f"{wq} answers", list)
-        starts = _need(answers, "answer_start", f"{wq} answers", list)
+        context = need(row, "context", wq, str)
+        question = need(row, "question", wq, str)
+        answers = need(row, "answers", wq, dict)
+        texts = need(answers, "text", f"{wq} answers", list)
+        starts = need(answers, "answer_start", f"{wq} answers", list)
         if len(texts) != len(starts):
             raise DataFormatError(f"{wq}: answers has {len(texts)} texts but {len(starts)} answer_start values")
         for n, (t, s) in enumerate(zip(texts, starts)):

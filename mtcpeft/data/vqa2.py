@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .coco import DataFormatError, _load_json
+from .records import DataFormatError, load_json, need
 
 COCO_PATTERN = "COCO_{subtype}_{image_id:012d}.jpg"
 PLAIN_PATTERN = "{image_id:012d}.jpg"
@@ -42,16 +42,6 @@ class VQAReport:
         return (f"{split}: {self.kept:,} of {self.questions:,} questions kept; {len(self.unannotated)} without an "
                 f"annotation and {len(self.no_answers)} without answers skipped; {self.unmatched_annotations} "
                 "annotations of unknown questions ignored")
-
-
-def _need(obj, key: str, where: str, kind: type | tuple[type, ...]):
-    if not isinstance(obj, dict) or key not in obj:
-        raise DataFormatError(f"{where}: missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise DataFormatError(f"{where}: field {key!r} should be {names}, got {type(value).__name__}")
-    return value
 
 
 def _image_path(root: Path, pattern: str, image_id: int, subtype: str | None) -> Path:
@@ -89,27 +79,27 @@ def read_vqa2(questions: str | os.PathLike, annotations: str | os.PathLike | Non
     image_pattern = image_pattern or "auto"
     if on_bad not in ("skip", "fail"):
         raise ValueError(f"on_bad must be 'skip' or 'fail', not {on_bad!r}")
-    qdata, qwhere = _load_json(questions), str(questions)
+    qdata, qwhere = load_json(questions), str(questions)
     subtype = data_subtype or (qdata.get("data_subtype") if isinstance(qdata, dict) else None)
-    qs = _need(qdata, "questions", qwhere, list)
+    qs = need(qdata, "questions", qwhere, list)
     anns = None
     if annotations is not None:
-        adata, awhere = _load_json(annotations), str(annotations)
+        adata, awhere = load_json(annotations), str(annotations)
         anns = {}
-        for i, ann in enumerate(_need(adata, "annotations", awhere, list)):
-            qid = _need(ann, "question_id", f"{awhere} annotations[{i}]", int)
+        for i, ann in enumerate(need(adata, "annotations", awhere, list)):
+            qid = need(ann, "question_id", f"{awhere} annotations[{i}]", int)
             if qid in anns:
                 raise DataFormatError(f"{awhere}: question_id {qid} is annotated twice")
             anns[qid] = ann
     root, report, out, seen = Path(image_root), VQAReport(), [], set()
     for i, q in enumerate(qs):
-        qid = _need(q, "question_id", f"{qwhere} questions[{i}]", int)
+        qid = need(q, "question_id", f"{qwhere} questions[{i}]", int)
         where = f"{qwhere} question_id {qid}"
         if qid in seen:
             raise DataFormatError(f"{where}: the question id appears twice")
         seen.add(qid)
-        image_id = _need(q, "image_id", where, int)
-        question = _need(q, "question", where, str)
+        image_id = need(q, "image_id", where, int)
+        question = need(q, "question", where, str)
         report.questions += 1
         ex = {"question_id": qid, "image_id": image_id, "image": None, "question": question, "answers": [],
               "answer": None}
@@ -122,11 +112,11 @@ def read_vqa2(questions: str | os.PathLike, annotations: str | os.PathLike | Non
                 report.unannotated.append(qid)
                 continue
             awhere = f"{annotations} question_id {qid}"
-            if _need(ann, "image_id", awhere, int) != image_id:
+            if need(ann, "image_id", awhere, int) != image_id:
                 raise DataFormatError(f"{awhere}: image_id {ann['image_id']} differs from the question's {image_id}")
-            answers = [_need(a, "answer", f"{awhere} answers[{j}]", str)
-                       for j, a in enumerate(_need(ann, "answers", awhere, list))]
-            mc = _need(ann, "multiple_choice_answer", awhere, str)
+            answers = [need(a, "answer", f"{awhere} answers[{j}]", str)
+                       for j, a in enumerate(need(ann, "answers", awhere, list))]
+            mc = need(ann, "multiple_choice_answer", awhere, str)
             if not answers:
                 if on_bad == "fail":
                     raise DataFormatError(f"{awhere}: empty answer list; fix the record or use on_bad='skip'")

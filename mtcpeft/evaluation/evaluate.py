@@ -2,13 +2,11 @@
 metrics (caption: BLEU-4 / CIDEr-D; vqa: VQA accuracy; qa: SQuAD exact match / F1), plus example generations."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mtcpeft.core.losses import token_nll
+from mtcpeft.core.losses import perplexity as token_perplexity, target_nll
 from mtcpeft.training.build import build_datasets, image_input
 from .generation import generate_texts
 
@@ -17,13 +15,9 @@ from .generation import generate_texts
 def perplexity(model, dataset, batch_size: int = 16, progress: bool = False) -> dict:
     """exp(mean NLL over every target token of ``dataset``), as the trainer's validation computes it."""
     model.eval()
-    nll, count = 0.0, 0
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="perplexity", disable=not progress):
-        per_ex, n = token_nll(model(**batch).logits, batch["labels"])
-        nll += float(per_ex.double().sum())
-        count += int(n.sum())
-    mean = nll / max(count, 1)
-    return {"loss": mean, "ppl": math.exp(mean), "tokens": count}
+    batches = tqdm(DataLoader(dataset, batch_size=batch_size), desc="perplexity", disable=not progress)
+    nll, count = target_nll(model, batches)
+    return {"loss": nll / max(count, 1), "ppl": token_perplexity(nll, max(count, 1)), "tokens": count}
 
 
 def unique_by_id(task, examples: list[dict]) -> list[dict]:

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from mtcpeft.config import ConfigError, config_to_dict, load_config
+from mtcpeft.config import ConfigError, config_to_dict, flat_config, load_config
 from mtcpeft.io import atomic_path, previous_run, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,16 +197,9 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike | None = None, pl
 
 
 # ---------------------------------------------------------------------------------------------- planning
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def config_diff(old: dict, new: dict, ignore: Sequence[str] = ("output_dir", "train.resume")) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts (``ignore`` left out)."""
-    a, b = _flat(old), _flat(new)
+    a, b = flat_config(old), flat_config(new)
     return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
 
 

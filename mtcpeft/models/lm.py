@@ -30,12 +30,14 @@ import re
 import shutil
 import sys
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from mtcpeft.errors import MtcpeftError
+from mtcpeft.io import swap_dir
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +169,7 @@ def _plain_copy(model):
     """The same weights in a model built from the config without ``quantization_config``: a plain HF model."""
     from transformers import AutoModelForCausalLM
 
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = _strip_quantization(model.config)
     with torch.device("meta"):  # no random init: every tensor is assigned from the dequantized state dict
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict(), strict=True, assign=True)
@@ -232,13 +232,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
                 _check_round_trip(state, tmp)
             marker = {"source": str(gguf_path.resolve()), "fingerprint": fingerprint, "format": 1}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            stale = None
-            if out.exists():  # an outdated conversion (another file version): move it aside, then swap
-                stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale.", dir=out.parent))
-                os.replace(out, stale / out.name)
-            os.replace(tmp, out)
-            if stale is not None:
-                shutil.rmtree(stale, ignore_errors=True)
+            swap_dir(tmp, out)  # an outdated conversion (another file version) is replaced
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -269,18 +263,29 @@ def load_config(name_or_path: str | os.PathLike):
 def _load_config(src: LMSource):
     from transformers import AutoConfig
 
-    if src.kind == "hub":
-        try:
-            return AutoConfig.from_pretrained(src.path)
-        except OSError as e:
-            raise _hub_error(src.name, e) from e
+    config = _from_pretrained(AutoConfig, src)
+    return _strip_quantization(config) if src.kind == "gguf" else config
+
+
+def _from_pretrained(auto_cls, src: LMSource, *, convert: bool = False, **kwargs):
+    """``auto_cls.from_pretrained`` (AutoConfig, AutoTokenizer, AutoModelForCausalLM) on ``src``: the one place
+    that maps a source to what transformers reads. A hub id or a folder as it is; a GGUF through its converted
+    folder (converted now when ``convert``, else only when it already exists) or else the GGUF file itself. A
+    hub failure names the fix."""
+    where, kw = src.path, {}
     if src.kind == "gguf":
         path = Path(src.path)
-        folder = gguf_cache_dir(path)
-        if _converted(folder, gguf_fingerprint(path)):
-            return AutoConfig.from_pretrained(folder)
-        return _strip_quantization(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
-    return AutoConfig.from_pretrained(src.path)  # a folder or a config.json file
+        folder = convert_gguf(path) if convert else gguf_cache_dir(path)
+        if convert or _converted(folder, gguf_fingerprint(path)):
+            where = str(folder)
+        else:
+            where, kw = str(path.parent), {"gguf_file": path.name}
+    try:
+        return auto_cls.from_pretrained(where, **kw, **kwargs)
+    except OSError as e:
+        if src.kind == "hub":
+            raise _hub_error(src.name, e) from e
+        raise
 
 
 def load_lm(
@@ -311,23 +316,12 @@ def load_lm(
         config = _load_config(src)
         with torch.device(device) if device is not None else contextlib.nullcontext():
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if src.kind == "gguf":
-        folder = convert_gguf(src.path)
-    elif src.kind == "dir":
-        if not src.has_weights:
-            raise LMNotFoundError(
-                f"{src.name} holds config.json but no weight files: pass random_init=True (--random-init) to "
-                "build it from the configuration, or add the weights"
-            )
-        folder = src.path
-    else:
-        folder = src.path
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except OSError as e:
-        if src.kind == "hub":
-            raise _hub_error(src.name, e) from e
-        raise
+    if src.kind == "dir" and not src.has_weights:
+        raise LMNotFoundError(
+            f"{src.name} holds config.json but no weight files: pass random_init=True (--random-init) to "
+            "build it from the configuration, or add the weights"
+        )
+    model = _from_pretrained(AutoModelForCausalLM, src, convert=True, dtype=dtype)
     return model.to(device) if device is not None else model
 
 
@@ -337,19 +331,11 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     src = resolve_lm(name_or_path)
-    if src.kind == "hub":
-        try:
-            return AutoTokenizer.from_pretrained(src.path)
-        except OSError as e:
-            raise _hub_error(src.name, e) from e
-    if src.kind == "gguf":
-        path = Path(src.path)
-        folder = gguf_cache_dir(path)
-        if _converted(folder, gguf_fingerprint(path)):
-            return AutoTokenizer.from_pretrained(folder)
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    folder = Path(src.path) if src.kind == "dir" else Path(src.path).parent
+    if src.kind == "config":  # the tokenizer files sit beside the config.json
+        src = dataclasses.replace(src, kind="dir", path=str(Path(src.path).parent))
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return _from_pretrained(AutoTokenizer, src)
     except (OSError, ValueError) as e:
-        raise LMNotFoundError(f"no tokenizer files in {folder} ({e}); pass a model folder that has them") from e
+        if src.kind != "dir":
+            raise
+        raise LMNotFoundError(f"no tokenizer files in {src.path} ({e}); pass a model folder that has them") from e

@@ -542,9 +542,9 @@ def load_unified(plugin_dir: str | os.PathLike, lm: nn.Module, check_base: bool 
     if check_base:
         check_compatible(manifest, base_lm_fingerprint=lm_fingerprint(lm), where=str(plugin_dir))
     placement = manifest["placement"]
-    targets = placement if placement.upper() in ("A", "F", "AF") else placement.split(",")
     config = adaptor_config(manifest["adaptor"]["kind"], **adaptor_options(manifest))
-    model = ContextModel(lm, manifest["contexts"], config, targets, generated_context=manifest.get("generated_context"))
+    model = ContextModel(lm, manifest["contexts"], config, placement,
+                         generated_context=manifest.get("generated_context"))
     if set(model.target_names) != set(manifest["targets"]):
         raise PluginError(f"{plugin_dir}: the placement {placement!r} selects other layers on this LM than the plugin "
                           f"adapts (e.g. {manifest['targets'][:2]})")

@@ -55,8 +55,7 @@ def build_context_lm(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: C
     gen = SHARED if spec.context_agnostic else task.generated_context
     if vocab is not None:
         contexts, gen = vocab, None
-    targets = spec.targets if spec.targets.upper() in ("A", "F", "AF") else spec.targets.split(",")
-    model = ContextModel(lm, contexts, adaptor_config(kind, **opts), targets, generated_context=gen)
+    model = ContextModel(lm, contexts, adaptor_config(kind, **opts), spec.targets, generated_context=gen)
     if spec.kind == "full":
         for p in lm.parameters():
             p.requires_grad_(True)

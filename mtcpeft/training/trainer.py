@@ -28,9 +28,9 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mtcpeft.config import ConfigError, save_config
-from mtcpeft.core.losses import token_nll
-from mtcpeft.io import remove_tree, write_json
+from mtcpeft.config import ConfigError, flat_config, save_config
+from mtcpeft.core.losses import perplexity, target_nll
+from mtcpeft.io import remove_tree, swap_dir, write_json
 from .precision import resolve_precision
 
 CHECKPOINT = "checkpoint"
@@ -290,19 +290,14 @@ class Trainer:
         self.model.eval()
         row, total, total_n = {}, 0.0, 0
         for name, dl in self.val_dls.items():
-            nll, count = torch.zeros((), dtype=torch.float64), 0
-            for batch in tqdm(dl, desc=f"val {name}".strip(), leave=False, disable=not self.acc.is_main_process):
-                logits = self.model(**batch).logits  # may cover only the last positions (see losses.token_nll)
-                per_ex, n = token_nll(logits, batch["labels"])
-                per_ex, n = self.acc.gather_for_metrics((per_ex, n))
-                nll += per_ex.double().sum().cpu()
-                count += int(n.sum())
+            batches = tqdm(dl, desc=f"val {name}".strip(), leave=False, disable=not self.acc.is_main_process)
+            nll, count = target_nll(self.model, batches, self.acc.gather_for_metrics)
             if name:
-                row[f"val_ppl/{name}"] = _exp(float(nll) / max(count, 1))
-            total, total_n = total + float(nll), total_n + count
+                row[f"val_ppl/{name}"] = perplexity(nll, max(count, 1))
+            total, total_n = total + nll, total_n + count
         self.model.train()
         mean = total / max(total_n, 1)
-        return {"val_loss": mean, "val_ppl": _exp(mean), "val_tokens": total_n, **row}
+        return {"val_loss": mean, "val_ppl": perplexity(total, max(total_n, 1)), "val_tokens": total_n, **row}
 
     # -------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
@@ -322,10 +317,7 @@ class Trainer:
         if acc.is_main_process:
             write_json(_flat(self.cfg), tmp / RUN_CONFIG)
             write_json(asdict(self.state), tmp / STATE_FILE)  # last: from here on tmp is a complete checkpoint
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            remove_tree(old)
+            swap_dir(tmp, final, old)
         acc.wait_for_everyone()
 
     def resume(self) -> None:
@@ -391,19 +383,12 @@ def recover_checkpoint(out: str | os.PathLike) -> Path | None:
     if newest == tmp:
         if old.exists():
             remove_tree(old)  # older than checkpoint, and tmp (newer than both) is complete
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
+        swap_dir(tmp, final, old)
     elif newest == old:
         os.replace(old, final)
     if old.exists():
         remove_tree(old)
     return final
-
-
-def _exp(x: float) -> float:
-    """exp that overflows to inf (a diverged validation loss) instead of raising."""
-    return math.exp(x) if x < 709.0 else math.inf
 
 
 def _val_logs(row: dict) -> dict:
@@ -419,15 +404,6 @@ def _keep_trainable(weights: list[dict], trainable: set[str]) -> None:
             del w[k]
 
 
-def _flat(cfg, prefix: str = "") -> dict:
-    """Nested dataclass config -> flat {"train.lr": 1e-4} of scalars (tensorboard hparams)."""
-    out = {}
-    for k, v in (asdict(cfg) if not isinstance(cfg, dict) else cfg).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
+def _flat(cfg) -> dict:
+    """Nested dataclass config -> flat {"train.lr": 1e-4} of scalars, others as text (tensorboard hparams)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(cfg).items()}

@@ -4,7 +4,7 @@ Each takes plain dicts — predictions {example id: text}, references {example i
 floats plus per-example scores.
 """
 from .caption import caption_scores
-from .perplexity import perplexity
+from mtcpeft.core.losses import perplexity  # the one implementation; the trainer uses it too
 from .squad import squad_scores
 from .vqa import vqa_accuracy
 
