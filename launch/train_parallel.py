@@ -31,7 +31,8 @@ if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
 
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.experiments.devices import LAUNCHERS, detect_devices  # noqa: E402
-from mtcpeft.experiments.parallel import check_configs, parse_runs, plan_runs, run_parallel, summary_table  # noqa: E402
+from mtcpeft.experiments.parallel import check_configs, parse_runs, plan_runs, run_parallel  # noqa: E402
+from mtcpeft.experiments.status import summary_table  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 

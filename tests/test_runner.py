@@ -30,18 +30,14 @@ def quick_plans(tmp_path: Path, n: int) -> list[RunPlan]:
     return plans
 
 
-@pytest.mark.parametrize("at_once", [1, 3])
-def test_runs_take_free_slots_and_finished_runs_are_skipped(tmp_path, at_once):
+def test_runs_train_at_once_and_finished_runs_are_skipped(tmp_path):
     plans = quick_plans(tmp_path, 4)
     plans[3].action = "done"  # finished earlier: not started again
-    runs, interrupted = run_plans(plans, at_once=at_once, stream=io.StringIO(), poll=0.05)
+    runs, interrupted = run_plans(plans, stream=io.StringIO(), poll=0.05)
     assert not interrupted and [r.plan.name for r in runs] == ["r0", "r1", "r2"]
     assert all(r.status == "done" and r.exit_code == 0 and r.error == "" for r in runs)
     assert not (tmp_path / "r3.log").exists()
-    overlap = max(r.start for r in runs) < min(r.end for r in runs)
-    assert overlap == (at_once == 3)  # at most `at_once` at a time, all at once when allowed
-    if at_once == 1:
-        assert all(a.end <= b.start for a, b in zip(runs, runs[1:]))
+    assert max(r.start for r in runs) < min(r.end for r in runs)  # they overlapped in time
 
 
 def test_a_failed_run_reports_its_exit_status_and_error_line(tmp_path):
@@ -49,13 +45,11 @@ def test_a_failed_run_reports_its_exit_status_and_error_line(tmp_path):
     bad = RunPlan("bad", tmp_path / "bad", tmp_path / "bad" / "sweep.log", [sys.executable, str(TRAIN_TASK),
                                                                           "--task", "nope"], env=dict(ENV))
     empty = RunPlan("empty", tmp_path / "empty", tmp_path / "empty.log", [sys.executable, "-c", "pass"], env=dict(ENV))
-    ended = []
-    (run, run2), _ = run_plans([bad, empty], stream=io.StringIO(), poll=0.05, on_end=ended.append)
+    (run, run2), _ = run_plans([bad, empty], stream=io.StringIO(), poll=0.05)
     assert (run.status, run.exit_code) == ("failed", 2)
     assert run.error == "unknown task 'nope'; known: caption, qa, vqa"
     assert last_error_line(bad.log) == "error: unknown task 'nope'; known: caption, qa, vqa"
     assert (run2.status, run2.exit_code, run2.error) == ("failed", 0, "ended without writing results.json")
-    assert sorted(r.plan.name for r in ended) == ["bad", "empty"]
 
 
 @pytest.mark.slow
@@ -70,7 +64,8 @@ def test_status_board_reads_the_progress_file_of_a_real_run(tiny_lm_dir, tmp_pat
     progress = json.loads((out / "progress.json").read_text())
     total = progress["total_steps"]
     assert progress["status"] == "done" and progress["step"] == total > 0 and progress["epoch"] == 2
-    assert progress["val_ppl"] == pytest.approx(json.loads((out / "results.json").read_text())["history"][-1]["val_ppl"])
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert progress["val_ppl"] == pytest.approx(history[-1]["val_ppl"])
     lines = board.getvalue().splitlines()
     # while it ran, the board showed the steps the trainer wrote (not scraped from its log)
     steps = [int(m[1]) for ln in lines if (m := re.match(rf"cap\s+running\s+\S+\s+step (\d+)/{total} ", ln))]

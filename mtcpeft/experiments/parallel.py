@@ -5,7 +5,7 @@ Each run is the caller's training script (``launch/train_task.py --task TASK``) 
 through ``accelerate launch`` (or plain ``python``) on its share of the devices (:mod:`.devices`), writing
 ``<out>/<run>/`` and logging to ``<out>/<run>.log``. Planning (:func:`parse_runs`, :func:`plan_runs`,
 :func:`check_configs`) starts nothing; :func:`run_parallel` starts every plan at once on the runner
-(:mod:`.runner`) and writes ``<out>/summary.json``; :func:`summary_table` is the table printed at the end.
+(:mod:`.runner`) and writes ``<out>/summary.json`` (:func:`.status.summary_table` prints it as a table).
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from mtcpeft.config import ConfigError, load_config
 from mtcpeft.io import UnsafeWriteError, prepare_run_dir, write_json
 from .devices import LAUNCHERS, Devices, assign_devices, launch_command
 from .runner import RESULTS_FILE, PlanError, Run, RunPlan, log_tail, read_results, run_plans
-from .status import fmt_time
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a directory and log-file name, and the prefix of --set RUN.key=value
 
@@ -151,16 +150,3 @@ def run_parallel(plans: Sequence[RunPlan], out: str | os.PathLike, *, stream: Te
                "ok": not interrupted and all(r["status"] == "done" for r in rows), "runs": rows}
     write_json(summary, out / "summary.json")
     return summary
-
-
-def summary_table(summary: dict) -> str:
-    """The per-run table printed at the end: run, task, status, exit code, wall time, best val ppl, plugin."""
-    head = ("run", "task", "status", "exit", "wall", "best val ppl", "plugin")
-    rows = [(r["run"], r["task"], r["status"], "-" if r["exit_code"] is None else str(r["exit_code"]),
-             fmt_time(r["wall_s"]), "-" if r["best_val_ppl"] is None else f"{r['best_val_ppl']:.3f}",
-             r["plugin"] or "-") for r in summary["runs"]]
-    widths = [max(len(x[i]) for x in (head, *rows)) for i in range(len(head))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in (head, *rows)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"wall time {fmt_time(summary['wall_s'])}; summary: {Path(summary['out']) / 'summary.json'}")
-    return "\n".join(lines)

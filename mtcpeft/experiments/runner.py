@@ -2,9 +2,9 @@
 
 A :class:`RunPlan` is a command, its environment and its files (:mod:`.devices` places plans on GPUs or cores);
 the runner never guesses what to run: the launch scripts hand it their ``train_task.py``. :func:`run_plans`
-starts the plans as subprocesses (at most ``at_once`` together, a finished run not again), shows one status line
-per run read from the run's own ``progress.json`` (:mod:`.status`), collects exit codes and errors, and stops
-every child cleanly on Ctrl-C or SIGTERM.
+starts the plans together as subprocesses (a finished run not again; a sweep hands it one plan at a time), shows
+one status line per run read from the run's own ``progress.json`` (:mod:`.status`), collects exit codes and
+errors, and stops every child cleanly on Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 from mtcpeft.errors import MtcpeftError
 from mtcpeft.io import previous_run
@@ -79,7 +79,6 @@ def resume_action(output_dir: Path) -> str:
     return "resume" if previous_run(output_dir) else "train"
 
 
-
 # -------------------------------------------------------------------------------------------------- running
 class Run:
     """A plan being run: its process (leader of a session of its own), times, status and, once ended, why."""
@@ -135,44 +134,34 @@ class Run:
         return True
 
 
-def run_plans(plans: Sequence[RunPlan], *, at_once: int | None = None, stream: TextIO | None = None,
-              status_every: float = 30.0, poll: float = 0.5, on_start: Callable[[Run], None] | None = None,
-              on_end: Callable[[Run], None] | None = None) -> tuple[list[Run], bool]:
-    """Run every plan whose action is not ``done``, ``at_once`` at a time (default: all), each as soon as a slot
-    is free, showing a status board on ``stream``; ``on_start`` / ``on_end`` see each run begin and end.
+def run_plans(plans: Sequence[RunPlan], *, stream: TextIO | None = None, status_every: float = 30.0,
+              poll: float = 0.5) -> tuple[list[Run], bool]:
+    """Start every plan whose action is not ``done``, wait for all, showing a status board on ``stream``.
     Returns the runs and whether they were interrupted: Ctrl-C (or SIGTERM to this process) stops every child
     and marks the runs still going as ``interrupted``; a failed run leaves the others running."""
     from .status import StatusBoard
 
+    stream = stream or sys.stderr
     runs = [Run(p) for p in plans if p.action != "done"]
-    at_once = at_once or len(runs) or 1
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
     board, interrupted = None, False
     try:
-        board = StatusBoard(runs, stream or sys.stderr, status_every)
-        while True:
-            for run in runs:
-                if run.poll() and on_end:
-                    on_end(run)
-            pending = [r for r in runs if r.status == "pending"]
-            for run in pending[:max(0, at_once - sum(r.status == "running" for r in runs))]:
-                run.launch()
-                if on_start:
-                    on_start(run)
-                if run.status == "failed" and on_end:  # could not start
-                    on_end(run)
-            if not any(r.status in ("pending", "running") for r in runs):
-                break
+        for run in runs:
+            run.launch()
+        board = StatusBoard(runs, stream, status_every)
+        while any(r.status == "running" for r in runs):
             board.update()
             try:  # back as soon as the first running run ends (or after ``poll`` seconds)
                 next(r for r in runs if r.status == "running").proc.wait(timeout=poll)
-            except (StopIteration, subprocess.TimeoutExpired):
-                time.sleep(0 if any(r.status == "running" for r in runs) else poll)
+            except subprocess.TimeoutExpired:
+                pass
+            for run in runs:
+                run.poll()
         board.update(final=True)
     except KeyboardInterrupt:
         interrupted = True
-        print("\ninterrupted: stopping every run ...", file=stream or sys.stderr, flush=True)
+        print("\ninterrupted: stopping every run ...", file=stream, flush=True)
         stop_runs(runs)
         if board is not None:
             board.update(final=True)

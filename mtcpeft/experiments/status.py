@@ -1,12 +1,12 @@
-"""What the runner shows while runs train: one line per run, read from the run's own ``progress.json``.
-
-On a terminal the lines are redrawn in place (one tqdm line each); elsewhere (a log file, CI) a run's line is
-printed when its status changes and every line every ``every`` seconds.
+"""What the runner shows: while runs train, one line per run read from the run's own ``progress.json`` (on a
+terminal redrawn in place, one tqdm line each; elsewhere, such as a log file or CI, a run's line is printed when its
+status changes and every ``every`` seconds while it runs); at the end, a table of a parallel run's summary.
 """
 from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 from typing import Sequence, TextIO
 
 
@@ -69,3 +69,16 @@ class StatusBoard:
                 self.shown[id(run)] = run.status
         if periodic:
             self.printed = time.time()
+
+
+def summary_table(summary: dict) -> str:
+    """The per-run table printed at the end: run, task, status, exit code, wall time, best val ppl, plugin."""
+    head = ("run", "task", "status", "exit", "wall", "best val ppl", "plugin")
+    rows = [(r["run"], r["task"], r["status"], "-" if r["exit_code"] is None else str(r["exit_code"]),
+             fmt_time(r["wall_s"]), "-" if r["best_val_ppl"] is None else f"{r['best_val_ppl']:.3f}",
+             r["plugin"] or "-") for r in summary["runs"]]
+    widths = [max(len(x[i]) for x in (head, *rows)) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in (head, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"wall time {fmt_time(summary['wall_s'])}; summary: {Path(summary['out']) / 'summary.json'}")
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ import yaml
 from mtcpeft.config import ConfigError, config_to_dict, load_config
 from mtcpeft.io import write_json
 from .devices import assign_devices, detect_devices
-from .runner import Run, RunPlan, resume_action, run_plans
+from .runner import RunPlan, resume_action, run_plans
 from .sweep_results import STATUS_FILE, collect_rows, read_status, run_row, write_tables
 from .sweep_spec import Sweep, SweepError, axis_overrides, run_name
 
@@ -100,29 +100,23 @@ def run_sweep(sweep: Sweep, cli_overrides: Sequence[str] = (), *, command: Seque
             echo(f"{heads[p.name]}: would {p.action}: {_shown(p.command)}")
     if dry_run:
         return collect_rows(plans)
-    devices = detect_devices()
-    for p in todo:
-        assign_devices([p], devices)  # one run at a time: each on every core (or the first GPU)
-
-    def started(run: Run) -> None:
-        echo(f"{heads[run.plan.name]}: {'resuming from its checkpoint' if run.plan.action == 'resume' else 'training'}"
-             " ...")
-
-    def ended(run: Run) -> None:
-        plan, before = run.plan, read_status(run.plan.output_dir)
+    devices, interrupted = detect_devices(), False
+    for plan in todo:  # one after another: each on every core (or the first GPU)
+        assign_devices([plan], devices)
+        echo(f"{heads[plan.name]}: {'resuming from its checkpoint' if plan.action == 'resume' else 'training'} ...")
+        before = read_status(plan.output_dir)
         spent = float(before.get("wall_time_s") or 0.0) if before.get("status") == "failed" else 0.0
+        (run,), interrupted = run_plans([plan], status_every=status_every)
         status, wall = ("ok" if run.status == "done" else "failed"), spent + run.elapsed()
+        # an interrupted run is recorded as failed: the next sweep resumes or retrains it
         write_json({"status": status, "wall_time_s": round(wall, 1), "error": run.error,
                     "args": plan.command[len(command):]}, plan.output_dir / STATUS_FILE)
         row = run_row(plan)
         echo(f"{heads[plan.name]}: {status}" + (f", val perplexity {row['best_val_ppl']:.3f}" if status == "ok" else
                                                  f" (exit status {run.exit_code}): {run.error}") + f" ({wall:.0f} s)")
         write_tables(collect_rows(plans), sweep.out)
-
-    runs, interrupted = run_plans(todo, at_once=1, status_every=status_every, on_start=started, on_end=ended)
-    for run in runs:
-        if run.status == "interrupted":
-            ended(run)  # recorded as failed: the next sweep resumes it
+        if interrupted:
+            break
     rows = collect_rows(plans)
     write_tables(rows, sweep.out)
     if interrupted:
