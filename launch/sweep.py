@@ -7,7 +7,7 @@
 Positional ``key=value`` arguments override the config of every run (the sweep's axes still win). Each run trains
 into ``<out>/<run name>/`` (its log: ``sweep.log``); rerunning the command skips finished runs, resumes interrupted
 ones from their checkpoint and retries failed ones. Writes ``<out>/results.csv``, ``results.md`` and the plots
-(``ppl_bars.png``: Figure 3; ``ppl_rank.png``: Figure 4). Sweep file format: mtcpeft/experiments/sweep.py.
+(``ppl_bars.png``: Figure 3; ``ppl_rank.png``: Figure 4). Sweep file format: mtcpeft/experiments/sweep_spec.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
 
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.experiments.plots import PLOT_FILES  # noqa: E402
-from mtcpeft.experiments.sweep import load_sweep, run_sweep, train_in_process, train_subprocess  # noqa: E402
+from mtcpeft.experiments.sweep import run_sweep  # noqa: E402
+from mtcpeft.experiments.sweep_spec import load_sweep  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -30,14 +31,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", help="sweep folder (default: the file's out, or runs/sweeps/<file name>)")
     ap.add_argument("--dry-run", action="store_true", help="print the runs and their commands; train nothing")
     ap.add_argument("--plot", choices=sorted(PLOT_FILES), help="which plot to draw (default: the file's plot)")
-    ap.add_argument("--in-process", action="store_true",
-                    help="train in this process instead of one subprocess per run (saves ~5 s per run; a hard "
-                         "crash then ends the sweep, which a rerun resumes)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. train.max_steps=5")
     args = ap.parse_args(argv)
     sweep = load_sweep(args.config, out=args.out, plot=args.plot)
-    return run_sweep(sweep, args.overrides, train=train_in_process if args.in_process else train_subprocess,
-                     dry_run=args.dry_run)
+    # each run is this folder's train_task.py in a process of its own: exactly the run one would launch alone
+    train_task = [sys.executable, str(Path(__file__).resolve().with_name("train_task.py"))]
+    return run_sweep(sweep, args.overrides, command=train_task, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.experiments.parallel import (LAUNCHERS, check_configs, detect_devices, parse_runs,  # noqa: E402
-                              plan_runs, run_parallel, summary_table)
+from mtcpeft.experiments.devices import LAUNCHERS, detect_devices  # noqa: E402
+from mtcpeft.experiments.parallel import check_configs, parse_runs, plan_runs, run_parallel  # noqa: E402
+from mtcpeft.experiments.status import summary_table  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--devices-per-task", type=int, default=1, metavar="N",
                     help="GPUs (or CPU processes) per run; N > 1 trains each run with DDP (default 1)")
     ap.add_argument("--out", default="runs/parallel", help="directory of the runs, logs and summary.json")
-    ap.add_argument("--config-dir", default=str(ROOT / "configs"), help="holds <task>_offline.yaml per task")
+    ap.add_argument("--config-dir", default=str(Path(__file__).resolve().parents[1] / "configs"),
+                    help="holds <task>_offline.yaml per task")
     ap.add_argument("--launcher", choices=LAUNCHERS, default="accelerate",
                     help="accelerate launch (default) or plain python (one process per run)")
     ap.add_argument("--set", action="append", default=[], metavar="RUN.key=value", dest="sets",
@@ -63,8 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     specs = parse_runs(args.tasks, TASKS.names())
     devices = detect_devices()
-    plans = plan_runs(specs, devices, args.out, per_task=args.devices_per_task, launcher=args.launcher,
-                      config_dir=args.config_dir, common=args.overrides, sets=args.sets, overwrite=args.overwrite)
+    plans = plan_runs(specs, devices, args.out, script=Path(__file__).resolve().with_name("train_task.py"),
+                      config_dir=args.config_dir, per_task=args.devices_per_task, launcher=args.launcher,
+                      common=args.overrides, sets=args.sets, overwrite=args.overwrite)
     check_configs(plans)
     for p in plans:
         print(f"{p.name} ({p.task}): {p.devices()}, {p.processes} process{'es' if p.processes > 1 else ''}"

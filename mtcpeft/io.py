@@ -23,9 +23,10 @@ from mtcpeft.errors import MtcpeftError
 
 # what a training run writes into its output_dir: the results of a finished (or interrupted) run ...
 RUN_RESULTS = ("plugin", "results.json", "checkpoint", "checkpoint.tmp", "checkpoint.old", "eval_*.json")
-# ... and everything else mtcpeft puts there (config, logs, feature caches, a sweep's log and status, temporaries)
-RUN_FILES = RUN_RESULTS + ("config.yaml", "tb", "features", "sweep.log", "sweep_run.json", ".*.tmp", ".*.old",
-                           ".*.deleting")
+# ... and everything else mtcpeft puts there (config, progress, logs, feature caches, a sweep's log and status,
+# temporaries)
+RUN_FILES = RUN_RESULTS + ("config.yaml", "progress.json", "tb", "features", "sweep.log", "sweep_run.json", ".*.tmp",
+                           ".*.old", ".*.deleting")
 
 
 class UnsafeWriteError(MtcpeftError, ValueError):

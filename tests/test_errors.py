@@ -10,7 +10,7 @@ from mtcpeft.cli import run_cli
 from mtcpeft.config import ConfigError
 from mtcpeft.errors import MtcpeftError
 
-NOT_USER_ERRORS = {"RunFailed"}  # a sweep's record of a failed child run (its own log holds the reason)
+NOT_USER_ERRORS: set[str] = set()  # exceptions that are not user errors (none today)
 
 
 def error_classes():

@@ -139,10 +139,8 @@ def test_overlay_places_the_map_on_the_centre_square():
 # ----------------------------------------------------------------------------------------- tiny plugins
 @pytest.fixture(scope="module")
 def trained_plugin(tiny_lm_dir, tmp_path_factory):
-    from mtcpeft.experiments.sweep import reset_accelerate_state
-
     out = tmp_path_factory.mktemp("heat") / "run"
-    reset_accelerate_state()  # another test may have fixed accelerate's mixed precision in this process
+    # fp32, as every in-process run of the suite: accelerate fixes one precision per process at its first Accelerator
     load_script("train_task").main(["--task", "caption", *tiny_overrides(tiny_lm_dir, out), "train.epochs=1",
                                     "train.mixed_precision=no"])
     return out / "plugin"

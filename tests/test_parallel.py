@@ -13,13 +13,22 @@ import pytest
 from accelerate.commands.launch import launch_command_parser
 
 from conftest import tiny_overrides
-from mtcpeft.experiments import parallel
-from mtcpeft.experiments.parallel import (Devices, ParallelPlanError, RunSpec, log_tail, parse_runs, plan_runs, progress_text,
-                              split_evenly, visible_gpus)
+from mtcpeft.experiments import devices
+from mtcpeft.experiments.devices import Devices, split_evenly, visible_gpus
+from mtcpeft.experiments.parallel import RunSpec, parse_runs, plan_runs
+from mtcpeft.experiments.runner import PlanError, Run, RunPlan, log_tail
+from mtcpeft.experiments.status import progress_text
+from mtcpeft.training.progress import write_progress
 from tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTION_CONFIG = ROOT / "configs" / "caption_offline.yaml"
+TRAIN_TASK = ROOT / "launch" / "train_task.py"
+
+
+def planned(specs, devs, out, **kw):
+    """plan_runs with what launch/train_parallel.py passes: its train_task.py and the repository's configs."""
+    return plan_runs(specs, devs, out, script=TRAIN_TASK, **{"config_dir": ROOT / "configs", **kw})
 
 
 def accelerate_args(command: list[str]):
@@ -37,13 +46,13 @@ def test_parse_runs_names_and_errors():
     known = TASKS.names()
     assert parse_runs("caption, qa", known) == [RunSpec("caption", "caption"), RunSpec("qa", "qa")]
     assert parse_runs("caption:capA,caption:capB", known) == two_captions()
-    with pytest.raises(ParallelPlanError, match=f"unknown task 'nope'; known: {', '.join(known)}$"):
+    with pytest.raises(PlanError, match=f"unknown task 'nope'; known: {', '.join(known)}$"):
         parse_runs("caption,nope", known)
-    with pytest.raises(ParallelPlanError, match="'caption' is used twice"):
+    with pytest.raises(PlanError, match="'caption' is used twice"):
         parse_runs("caption,caption", known)
-    with pytest.raises(ParallelPlanError, match="letters, digits"):
+    with pytest.raises(PlanError, match="letters, digits"):
         parse_runs("caption:a/b", known)
-    with pytest.raises(ParallelPlanError, match="no tasks"):
+    with pytest.raises(PlanError, match="no tasks"):
         parse_runs(" , ", known)
 
 
@@ -63,13 +72,13 @@ def test_visible_gpus_follow_an_existing_mask(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,6,7")
-    assert parallel.detect_devices() == Devices("gpu", ("2", "3", "6", "7"))
+    assert devices.detect_devices() == Devices("gpu", ("2", "3", "6", "7"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert parallel.detect_devices() == Devices("cpu", tuple(str(c) for c in sorted(os.sched_getaffinity(0))))
+    assert devices.detect_devices() == Devices("cpu", tuple(str(c) for c in sorted(os.sched_getaffinity(0))))
 
 
 def test_gpu_groups_are_disjoint_with_distinct_ports(tmp_path):
-    plans = plan_runs(two_captions(), Devices("gpu", ("2", "3", "6", "7")), tmp_path, per_task=2)
+    plans = planned(two_captions(), Devices("gpu", ("2", "3", "6", "7")), tmp_path, per_task=2)
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["2,3", "6,7"]
     assert [p.gpus for p in plans] == [("2", "3"), ("6", "7")]
     ports = [p.port for p in plans]
@@ -87,7 +96,7 @@ def test_gpu_groups_are_disjoint_with_distinct_ports(tmp_path):
 
 def test_one_gpu_per_task_is_a_single_process_without_port(tmp_path):
     specs = parse_runs("caption,qa,vqa", TASKS.names())
-    plans = plan_runs(specs, Devices("gpu", ("0", "1", "2")), tmp_path)
+    plans = planned(specs, Devices("gpu", ("0", "1", "2")), tmp_path)
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "1", "2"]
     for p in plans:
         a = accelerate_args(p.command)
@@ -99,16 +108,16 @@ def test_one_gpu_per_task_is_a_single_process_without_port(tmp_path):
 def test_not_enough_gpus_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     specs = parse_runs("caption,qa,vqa", TASKS.names())
-    with pytest.raises(ParallelPlanError, match=r"need 6 GPUs, 4 visible \(CUDA_VISIBLE_DEVICES=0,1,2,3\)"):
-        plan_runs(specs, Devices("gpu", ("0", "1", "2", "3")), tmp_path, per_task=2)
-    with pytest.raises(ParallelPlanError, match="need 3 GPUs, 2 visible"):
-        plan_runs(specs, Devices("gpu", ("0", "1")), tmp_path)
+    with pytest.raises(PlanError, match=r"need 6 GPUs, 4 visible \(CUDA_VISIBLE_DEVICES=0,1,2,3\)"):
+        planned(specs, Devices("gpu", ("0", "1", "2", "3")), tmp_path, per_task=2)
+    with pytest.raises(PlanError, match="need 3 GPUs, 2 visible"):
+        planned(specs, Devices("gpu", ("0", "1")), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
 def test_cpu_cores_split_into_disjoint_pinned_shares(tmp_path):
     specs = parse_runs("caption:a,caption:b,caption:c", TASKS.names())
-    plans = plan_runs(specs, Devices("cpu", tuple(str(c) for c in range(8))), tmp_path)
+    plans = planned(specs, Devices("cpu", tuple(str(c) for c in range(8))), tmp_path)
     assert [p.cpus for p in plans] == [(0, 1, 2), (3, 4, 5), (6, 7)]
     for p, threads in zip(plans, (3, 3, 2)):
         assert p.threads == threads
@@ -121,7 +130,7 @@ def test_cpu_cores_split_into_disjoint_pinned_shares(tmp_path):
 
 
 def test_cpu_ddp_uses_accelerate_use_cpu_with_multi_gpu_and_distinct_ports(tmp_path):
-    plans = plan_runs(two_captions(), Devices("cpu", tuple(str(c) for c in range(8))), tmp_path, per_task=2)
+    plans = planned(two_captions(), Devices("cpu", tuple(str(c) for c in range(8))), tmp_path, per_task=2)
     assert [p.cpus for p in plans] == [(0, 1, 2, 3), (4, 5, 6, 7)]
     ports = [p.port for p in plans]
     assert len(set(ports)) == 2
@@ -138,24 +147,24 @@ def test_cpu_ddp_uses_accelerate_use_cpu_with_multi_gpu_and_distinct_ports(tmp_p
 
 def test_more_runs_than_cores_share_them_one_thread_each(tmp_path):
     specs = parse_runs("caption:a,caption:b,caption:c", TASKS.names())
-    plans = plan_runs(specs, Devices("cpu", ("0", "1")), tmp_path)
+    plans = planned(specs, Devices("cpu", ("0", "1")), tmp_path)
     assert all(p.cpus is None and p.threads == 1 and p.env["MTCPEFT_THREADS"] == "1" for p in plans)
     assert all("share 2 core(s)" in p.notes[0] for p in plans)
 
 
 def test_python_launcher_runs_the_script_directly_and_refuses_ddp(tmp_path):
-    (plan,) = plan_runs([RunSpec("c", "caption")], Devices("cpu", ("0", "1")), tmp_path, launcher="python")
+    (plan,) = planned([RunSpec("c", "caption")], Devices("cpu", ("0", "1")), tmp_path, launcher="python")
     assert plan.command == [sys.executable, str(ROOT / "launch" / "train_task.py"), "--task", "caption",
                             "--config", str(CAPTION_CONFIG), f"output_dir={tmp_path.resolve() / 'c'}"]
     assert plan.cpus == (0, 1) and plan.env["MTCPEFT_THREADS"] == "2"
-    with pytest.raises(ParallelPlanError, match="--launcher accelerate for --devices-per-task 2"):
-        plan_runs([RunSpec("c", "caption")], Devices("cpu", ("0", "1")), tmp_path, launcher="python", per_task=2)
+    with pytest.raises(PlanError, match="--launcher accelerate for --devices-per-task 2"):
+        planned([RunSpec("c", "caption")], Devices("cpu", ("0", "1")), tmp_path, launcher="python", per_task=2)
 
 
 # ---------------------------------------------------------------------------------------------- overrides
 def test_overrides_for_all_then_per_run_then_output_dir(tmp_path):
     specs = [RunSpec("capA", "caption"), RunSpec("capB", "caption"), RunSpec("q", "qa")]
-    plans = plan_runs(specs, Devices("cpu", ("0", "1", "2")), tmp_path, launcher="python",
+    plans = planned(specs, Devices("cpu", ("0", "1", "2")), tmp_path, launcher="python",
                       common=["train.epochs=1", "seed=3"], sets=["capB.train.lr=1e-3", "caption.seed=4"])
     args = {p.name: p.command[p.command.index(str(CAPTION_CONFIG if p.task == "caption" else
                                                      ROOT / "configs" / "qa_offline.yaml")) + 1:] for p in plans}
@@ -163,23 +172,28 @@ def test_overrides_for_all_then_per_run_then_output_dir(tmp_path):
     assert args["capA"] == ["train.epochs=1", "seed=3", "seed=4", f"output_dir={out / 'capA'}"]
     assert args["capB"] == ["train.epochs=1", "seed=3", "train.lr=1e-3", "seed=4", f"output_dir={out / 'capB'}"]
     assert args["q"] == ["train.epochs=1", "seed=3", f"output_dir={out / 'q'}"]
-    with pytest.raises(ParallelPlanError, match="no run or task named 'capC'; runs: capA, capB, q"):
-        plan_runs(specs, Devices("cpu", ("0",)), tmp_path, sets=["capC.seed=1"])
-    with pytest.raises(ParallelPlanError, match="must look like RUN.key=value"):
-        plan_runs(specs, Devices("cpu", ("0",)), tmp_path, sets=["seed=1"])
-    with pytest.raises(ParallelPlanError, match="output_dir is set per run"):
-        plan_runs(specs, Devices("cpu", ("0",)), tmp_path, common=["output_dir=x"])
-    with pytest.raises(ParallelPlanError, match=r"vqa_offline.yaml does not exist"):
-        plan_runs([RunSpec("v", "vqa")], Devices("cpu", ("0",)), tmp_path, config_dir=tmp_path)
+    with pytest.raises(PlanError, match="no run or task named 'capC'; runs: capA, capB, q"):
+        planned(specs, Devices("cpu", ("0",)), tmp_path, sets=["capC.seed=1"])
+    with pytest.raises(PlanError, match="must look like RUN.key=value"):
+        planned(specs, Devices("cpu", ("0",)), tmp_path, sets=["seed=1"])
+    with pytest.raises(PlanError, match="output_dir is set per run"):
+        planned(specs, Devices("cpu", ("0",)), tmp_path, common=["output_dir=x"])
+    with pytest.raises(PlanError, match=r"vqa_offline.yaml does not exist"):
+        planned([RunSpec("v", "vqa")], Devices("cpu", ("0",)), tmp_path, config_dir=tmp_path)
 
 
-def test_progress_text_reads_the_last_progress_bar_update(tmp_path):
-    log = tmp_path / "r.log"
-    log.write_text("$ python train_task.py\n")
-    assert progress_text(log) == "starting"
+def test_progress_text_reads_the_runs_progress_file(tmp_path):
+    run = Run(RunPlan("r", tmp_path / "r", tmp_path / "r.log"))
+    run.start = time.time()
+    assert progress_text(run.progress()) == "starting"
+    write_progress(run.plan.output_dir, status="running", step=5, total_steps=12, epoch=0.4, epochs=2, loss=2.31,
+                   val_ppl=9.1)
+    assert progress_text(run.progress()) == "step 5/12 (42%)  epoch 0.4/2  loss 2.310  val ppl 9.100"
+    run.start = time.time() + 10  # a progress file older than the run is a previous run's
+    assert run.progress() == {} and progress_text(run.progress()) == "starting"
+    log = tmp_path / "r.log"  # a failed run's report shows its log's tail; progress bars' updates are lines
     log.write_text("$ python train_task.py\nbefore training: val perplexity 9.1\n"
                    "train:   0%|          | 0/12 [00:00<?, ?step/s]\rtrain:  42%|####      | 5/12 [00:01<00:01]")
-    assert progress_text(log) == "train 42% 5/12"
     assert log_tail(log, 2) == ["train:   0%|          | 0/12 [00:00<?, ?step/s]",
                                 "train:  42%|####      | 5/12 [00:01<00:01]"]
 
@@ -219,6 +233,9 @@ def test_two_runs_train_at_once_each_on_its_own_cores(tiny_lm_dir, tmp_path):
         assert f"MTCPEFT_THREADS={share} " in log.splitlines()[0]  # the plan, as the child was started
         assert f"processes: 1 (DistributedType.NO), {share} threads each" in log  # what the trainer really used
         assert f"output_dir={(out / name).resolve()}" in log.splitlines()[0]
+        progress = json.loads((out / name / "progress.json").read_text())  # what the status board read
+        assert progress["status"] == "done" and progress["step"] == progress["total_steps"] > 0
+        assert any(ln.split()[:2] == [name, "done"] for ln in proc.stderr.splitlines())  # the board's last word
     # they really overlapped in time
     assert max(r["started"] for r in runs.values()) < min(r["ended"] for r in runs.values())
     table = proc.stdout.splitlines()

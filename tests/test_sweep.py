@@ -1,9 +1,12 @@
-"""Ablation sweeps (mtcpeft/experiments/sweep.py, mtcpeft/experiments/plots.py, launch/sweep.py): sweep-file expansion and checks, resume
-of a half-finished sweep, the results tables and plots, and one real two-run sweep of a tiny model."""
+"""Ablation sweeps (mtcpeft/experiments/sweep*.py, mtcpeft/experiments/plots.py, launch/sweep.py): sweep-file
+expansion and checks, resume of a half-finished sweep, the results tables and plots, and one real two-run sweep of
+a tiny model."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,8 @@ from PIL import Image
 
 from conftest import tiny_overrides
 from mtcpeft.experiments.plots import COLOURS, make_plots
-from mtcpeft.experiments.sweep import (
-    RunFailed, SweepError, last_error_line, load_sweep, plan_runs, run_sweep, train_subprocess,
-)
+from mtcpeft.experiments.sweep import plan_runs, run_sweep
+from mtcpeft.experiments.sweep_spec import SweepError, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -40,7 +42,7 @@ def test_table1_expands_to_30_uniquely_named_runs(tmp_path):
     lora8 = next(p for p in plans if p.name == "lora-8_AF_specific")
     spec = lora8.config.adaptor
     assert (spec.kind, spec.rank, spec.context_agnostic) == ("lora", 8, False)
-    assert lora8.dir == tmp_path / "lora-8_AF_specific" and lora8.config.output_dir == str(lora8.dir)
+    assert lora8.output_dir == tmp_path / "lora-8_AF_specific" and lora8.config.output_dir == str(lora8.output_dir)
     # the shared budget reached every run, the base config the rest
     assert all((p.config.data.train_limit, p.config.data.val_limit, p.config.train.epochs) == (200, 80, 1)
                for p in plans)
@@ -104,10 +106,10 @@ def test_bad_sweep_files_fail_with_a_clear_error(tmp_path, body, message):
 ])
 def test_bad_run_configs_fail_before_any_training(tmp_path, body, overrides, message):
     sweep = load_sweep(sweep_file(tmp_path, body))
-    calls = []
+    trainer = FakeTrainer(tmp_path)
     with pytest.raises(SweepError, match=message.replace("?", r"\?")):
-        run_sweep(sweep, overrides, train=lambda args, log: calls.append(args), echo=lambda s: None)
-    assert calls == []
+        run_sweep(sweep, overrides, command=trainer.command, echo=lambda s: None)
+    assert trainer.calls == []
 
 
 def test_base_is_required_and_read_from_the_sweep_folder(tmp_path):
@@ -122,28 +124,47 @@ def test_base_is_required_and_read_from_the_sweep_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- resume and tables
+FAKE_TRAIN = """import json, os, signal, sys
+from pathlib import Path
+
+spec, args = json.loads(sys.argv[1]), sys.argv[2:]
+with open(spec["calls"], "a") as f:
+    f.write(json.dumps(args) + "\\n")
+out = Path(next(a for a in args if a.startswith("output_dir=")).partition("=")[2])
+name = out.name
+if name in spec["fail"]:  # a user error, as run_cli reports it
+    print(f"error: {name} diverged", file=sys.stderr)
+    sys.exit(2)
+if name in spec["oom"]:
+    raise MemoryError("out of memory")
+if name in spec["crash"]:  # killed after its first epoch's checkpoint
+    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoint" / "trainer_state.json").write_text("{}")
+    os.kill(os.getpid(), signal.SIGKILL)
+out.mkdir(parents=True, exist_ok=True)
+(out / "results.json").write_text(json.dumps({
+    "best_val_ppl": spec["ppl"][name], "best_epoch": 1, "trainable_parameters": spec["params"][name]}))
+"""
+_fakes = itertools.count()
+
+
 class FakeTrainer:
-    """Stands in for launch/train_task.py: records each call; writes results.json unless told to fail."""
+    """Stands in for launch/train_task.py (a script at <tmp>/launch/train_task.py, run as the sweep runs the real
+    one): records each call; writes results.json unless told to fail."""
 
-    def __init__(self, fail=(), crash=(), oom=()):
-        self.calls: list[list[str]] = []
-        self.fail, self.crash, self.oom = set(fail), set(crash), set(oom)
+    def __init__(self, tmp_path: Path, fail=(), crash=(), oom=()):
+        script = tmp_path / "launch" / "train_task.py"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(FAKE_TRAIN)
+        self.record = tmp_path / f"calls{next(_fakes)}.jsonl"
+        spec = {"calls": str(self.record), "fail": sorted(fail), "crash": sorted(crash), "oom": sorted(oom),
+                "ppl": PPL, "params": PARAMS}
+        self.command = [sys.executable, str(script), json.dumps(spec)]
 
-    def __call__(self, args: list[str], log: Path) -> None:
-        self.calls.append(args)
-        out = Path(next(a for a in args if a.startswith("output_dir=")).partition("=")[2])
-        name = out.name
-        if name in self.fail:
-            raise RunFailed(f"{name} diverged")
-        if name in self.oom:
-            raise MemoryError("out of memory")
-        if name in self.crash:  # killed after its first epoch's checkpoint
-            (out / "checkpoint").mkdir(parents=True, exist_ok=True)
-            (out / "checkpoint" / "trainer_state.json").write_text("{}")
-            raise RunFailed("killed")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({
-            "best_val_ppl": PPL[name], "best_epoch": 1, "trainable_parameters": PARAMS[name]}))
+    @property
+    def calls(self) -> list[list[str]]:
+        lines = self.record.read_text().splitlines() if self.record.is_file() else []
+        return [json.loads(ln) for ln in lines]
 
 
 PPL = {"ia3_A_agnostic": 4.25, "ia3_A_specific": 4.0, "lora-8_A_agnostic": 3.5, "lora-8_A_specific": 3.125}
@@ -157,8 +178,8 @@ def called(trainer: FakeTrainer) -> dict[str, list[str]]:
 def test_resume_reruns_only_missing_failed_and_crashed_runs(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["ia3", "lora-8"], "targets": ["A"],
                                                       "agnostic": [True, False]}}))
-    first = FakeTrainer(fail={"ia3_A_specific"}, crash={"lora-8_A_agnostic"}, oom={"ia3_A_agnostic"})
-    rows = run_sweep(sweep, ["train.max_steps=3"], train=first, echo=lambda s: None)
+    first = FakeTrainer(tmp_path, fail={"ia3_A_specific"}, crash={"lora-8_A_agnostic"}, oom={"ia3_A_agnostic"})
+    rows = run_sweep(sweep, ["train.max_steps=3"], command=first.command, echo=lambda s: None)
     assert len(first.calls) == 4  # every failure was recorded and the sweep went on
     assert {r["run"]: r["status"] for r in rows} == {"ia3_A_agnostic": "failed", "ia3_A_specific": "failed",
                                                      "lora-8_A_agnostic": "failed", "lora-8_A_specific": "ok"}
@@ -171,23 +192,23 @@ def test_resume_reruns_only_missing_failed_and_crashed_runs(tmp_path):
     assert args[4:] == ["train.max_steps=3", "adaptor.kind=lora", "adaptor.rank=8", "adaptor.targets=A",
                         "adaptor.context_agnostic=false", f"output_dir={tmp_path / 'out' / 'lora-8_A_specific'}"]
 
-    second = FakeTrainer()
-    rows = run_sweep(sweep, ["train.max_steps=3"], train=second, echo=lambda s: None)
+    second = FakeTrainer(tmp_path)
+    rows = run_sweep(sweep, ["train.max_steps=3"], command=second.command, echo=lambda s: None)
     calls = called(second)
     assert sorted(calls) == ["ia3_A_agnostic", "ia3_A_specific", "lora-8_A_agnostic"]
     assert calls["lora-8_A_agnostic"][-1] == "train.resume=true"  # crashed with a checkpoint: continue from it
     assert "train.resume=true" not in calls["ia3_A_specific"]  # failed before any checkpoint: from scratch
     assert all(r["status"] == "ok" and r["error"] == "" for r in rows)
 
-    third = FakeTrainer()
-    run_sweep(sweep, ["train.max_steps=3"], train=third, echo=lambda s: None)
+    third = FakeTrainer(tmp_path)
+    run_sweep(sweep, ["train.max_steps=3"], command=third.command, echo=lambda s: None)
     assert third.calls == []  # everything has results.json
 
 
 def test_results_csv_and_markdown(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["ia3", "lora-8"], "targets": ["A"],
                                                       "agnostic": [True, False]}}))
-    run_sweep(sweep, train=FakeTrainer(fail={"ia3_A_specific"}), echo=lambda s: None)
+    run_sweep(sweep, command=FakeTrainer(tmp_path, fail={"ia3_A_specific"}).command, echo=lambda s: None)
     with open(tmp_path / "out" / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["ia3_A_agnostic", "ia3_A_specific", "lora-8_A_agnostic", "lora-8_A_specific"]
@@ -212,16 +233,17 @@ def test_a_plot_that_cannot_be_drawn_leaves_the_tables(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["ia3"], "targets": ["A"], "agnostic": [True]},
                                              "plot": ["rank", "bars"]}))
     lines: list[str] = []
-    run_sweep(sweep, train=FakeTrainer(), echo=lines.append)
+    run_sweep(sweep, command=FakeTrainer(tmp_path).command, echo=lines.append)
     assert any(ln.startswith("no plot: a rank plot needs LoRA runs") for ln in lines)
     assert (tmp_path / "out" / "results.csv").is_file() and not (tmp_path / "out" / "ppl_rank.png").exists()
     assert (tmp_path / "out" / "ppl_bars.png").is_file()
 
 
-def test_dry_run_trains_nothing_and_writes_nothing(tmp_path):
+def test_dry_run_trains_nothing_and_writes_nothing(tmp_path, monkeypatch):
     sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["ia3", "bitfit"]}}))
-    lines, trainer = [], FakeTrainer()
-    rows = run_sweep(sweep, train=trainer, dry_run=True, echo=lines.append)
+    lines, trainer = [], FakeTrainer(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the commands are shown as typed from here
+    rows = run_sweep(sweep, command=trainer.command[:2], dry_run=True, echo=lines.append)
     assert trainer.calls == [] and not (tmp_path / "out").exists()
     assert [r["status"] for r in rows] == ["pending", "pending"]
     assert sum("would train: python launch/train_task.py --task caption" in ln for ln in lines) == 2
@@ -230,12 +252,12 @@ def test_dry_run_trains_nothing_and_writes_nothing(tmp_path):
 def test_a_run_trained_with_another_config_stops_the_sweep(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["ia3"]}}))
     (plan,) = plan_runs(sweep)
-    plan.dir.mkdir(parents=True)
+    plan.output_dir.mkdir(parents=True)
     from mtcpeft.config import save_config
 
     plan.config.train.lr = 0.123
     plan.config.train.resume = True  # ignored: a resumed run differs only there
-    save_config(plan.config, plan.dir / "config.yaml")
+    save_config(plan.config, plan.output_dir / "config.yaml")
     with pytest.raises(SweepError, match=r"run ia3: .* another config \(train.lr differ\); delete that folder"):
         plan_runs(sweep)
 
@@ -269,18 +291,12 @@ def test_bar_and_rank_plots(tmp_path):
         make_plots([r for r in rows if r["adaptor"] == "ia3"], tmp_path / "r", ["rank"])
 
 
-def test_subprocess_runner_reports_the_error_line(tmp_path):
-    with pytest.raises(RunFailed, match=r"exit status 2: error: unknown task 'nope'"):
-        train_subprocess(["--task", "nope"], tmp_path / "run" / "sweep.log")
-    assert last_error_line(tmp_path / "run" / "sweep.log") == "error: unknown task 'nope'; known: caption, qa, vqa"
-
-
 # ------------------------------------------------------------------------------------------------- real
 @pytest.mark.slow
 def test_real_two_run_sweep(tiny_lm_dir, tmp_path):
-    """Two real trainings of a tiny model through launch/sweep.py (in this process: the subprocess runner only adds
-    imports, it has its own test above), then a rerun that skips both: the axes reach training (manifest), the
-    tables carry each run's results.json."""
+    """Two real trainings of a tiny model through launch/sweep.py (each run a train_task.py process of its own),
+    then a rerun that skips both: the axes reach training (manifest), the tables carry each run's results.json, a
+    resumed sweep starts no finished run again."""
     shared = [o for o in tiny_overrides(tiny_lm_dir, "unused") if not o.startswith("output_dir=")]
     path = sweep_file(tmp_path, {"overrides": shared + ["train.epochs=1", "train.mixed_precision=no"],
                                  "runs": [{"adaptor": "lora-2", "targets": "AF", "agnostic": False},
@@ -290,7 +306,7 @@ def test_real_two_run_sweep(tiny_lm_dir, tmp_path):
     spec = importlib.util.spec_from_file_location("sweep_cli", ROOT / "launch" / "sweep.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    rows = cli.main(["--config", str(path), "--in-process"])
+    rows = cli.main(["--config", str(path)])
     out = tmp_path / "out"
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     with open(out / "results.csv") as f:
@@ -306,8 +322,13 @@ def test_real_two_run_sweep(tiny_lm_dir, tmp_path):
     status = json.loads((out / "bitfit_F_agnostic" / "sweep_run.json").read_text())
     assert status["status"] == "ok" and status["args"][-1] == f"output_dir={out / 'bitfit_F_agnostic'}"
     assert Image.open(out / "ppl_bars.png").format == "PNG"
+    def stamps() -> dict:  # what a started run rewrites: its log and its progress file
+        return {(n, f): (out / n / f).stat().st_mtime_ns for n in table for f in ("sweep.log", "progress.json")}
+
+    before = stamps()
     again = cli.main(["--config", str(path), "--plot", "rank"])  # nothing left to train: seconds
     assert again == rows and (out / "ppl_rank.png").is_file()
+    assert stamps() == before  # neither finished run was started again
 
 
 def test_interrupted_run_is_resumed_whatever_it_left(tmp_path):
@@ -319,6 +340,6 @@ def test_interrupted_run_is_resumed_whatever_it_left(tmp_path):
     first = plan_runs(sweep)
     assert [p.action for p in first] == ["train", "train"]
     for plan, leftover in zip(first, ("plugin", "checkpoint.tmp")):
-        save_config(plan.config, plan.dir / "config.yaml")
-        (plan.dir / leftover).mkdir()
+        save_config(plan.config, plan.output_dir / "config.yaml")
+        (plan.output_dir / leftover).mkdir()
     assert [p.action for p in plan_runs(sweep)] == ["resume", "resume"]

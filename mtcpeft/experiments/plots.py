@@ -1,8 +1,9 @@
 """Sweep plots as in Context-PEFT (arXiv 2312.08900): validation perplexity per adaptor x placement x
 context-agnostic/specific as grouped bars (Figure 3), and over LoRA rank as lines (Figure 4).
 
-Both read the rows of :func:`mtcpeft.experiments.sweep.collect_rows` (keys adaptor, rank, targets, agnostic, best_val_ppl,
-status); runs without a perplexity (failed, not run yet) leave a gap. matplotlib with the Agg backend: no display.
+Both read the rows of :func:`mtcpeft.experiments.sweep_results.collect_rows` (keys adaptor, rank, targets,
+agnostic, best_val_ppl, status); runs without a perplexity (failed, not run yet) leave a gap. matplotlib with the
+Agg backend: no display.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from mtcpeft.config import ConfigError, flat_config, save_config
 from mtcpeft.core.losses import perplexity, target_nll
 from mtcpeft.io import remove_tree, swap_dir, write_json
 from .precision import resolve_precision
+from .progress import error_text, write_progress
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint directory holding it is complete
@@ -155,12 +156,35 @@ class Trainer:
                         for name, ds in vals.items()}
         self.state = TrainState()
         self.on_best = on_best
+        self.total_steps: int | None = None  # known once fit starts
+        self.last_loss: float | None = None  # the latest logged train loss (progress.json)
+        self.last_val_ppl: float | None = None  # the latest validation perplexity (progress.json)
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         # checkpoints hold the trainable tensors only, not a copy of the frozen LM
         self.acc.register_save_state_pre_hook(lambda models, weights, _dir: _keep_trainable(weights, trainable))
 
     # --------------------------------------------------------------------------------------------- loop
     def fit(self) -> TrainState:
+        """Train (see the module docstring); ``progress.json`` in the output directory follows the run."""
+        try:
+            state = self._fit()
+        except BaseException as e:
+            self._report("failed", error_text(e))
+            raise
+        self._report("done")
+        return state
+
+    def _report(self, status: str, error: str = "") -> None:
+        """Rewrite ``progress.json`` (:mod:`.progress`) from the state; the main process only."""
+        if not self.acc.is_main_process:
+            return
+        st = self.state
+        val = self.last_val_ppl or next((r["val_ppl"] for r in reversed(st.history) if "val_ppl" in r), None)
+        epoch = round(st.epoch + st.step_in_epoch / max(len(self.train_dl), 1), 3)
+        write_progress(self.out, status=status, step=st.global_step, total_steps=self.total_steps, epoch=epoch,
+                       epochs=self.tc.epochs, loss=self.last_loss, val_ppl=val, error=error)
+
+    def _fit(self) -> TrainState:
         if self.tc.resume:
             self.resume()  # replaces self.state
         acc, tc, st = self.acc, self.tc, self.state
@@ -175,7 +199,8 @@ class Trainer:
             acc.log(_val_logs(row), step=0)
             acc.print(f"before training: val perplexity {row['val_ppl']:.3f}")
         steps_per_epoch = math.ceil(len(self.train_dl) / tc.grad_accum)
-        total = tc.max_steps or steps_per_epoch * tc.epochs
+        total = self.total_steps = tc.max_steps or steps_per_epoch * tc.epochs
+        self._report("running")
         tokens, t0 = 0, time.perf_counter()
         done = st.global_step >= total
         # closed even on an error, which then prints on a line of its own
@@ -206,6 +231,8 @@ class Trainer:
                         acc.log({"train/loss": loss.item(), "train/tokens_per_s": rate,
                                  "train/peak_mem_mb": peak_memory_mb()}, step=st.global_step)
                         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
+                        self.last_loss = loss.item()
+                        self._report("running")
                     if tc.save_every_steps and st.global_step % tc.save_every_steps == 0:
                         self.save_checkpoint()
                     if tc.max_steps and st.global_step >= tc.max_steps:
@@ -259,6 +286,8 @@ class Trainer:
             st.best_val_ppl, st.best_epoch = row["val_ppl"], row["epoch"]
             if self.on_best is not None:
                 self.on_best(self)
+        self.last_val_ppl = row["val_ppl"]
+        self._report("running")
 
     def _advice(self) -> str:
         kept = [f"the plugin of epoch {self.state.best_epoch}"] if self.state.best_epoch is not None else []
