@@ -23,6 +23,7 @@ class IA3Config(AdaptorConfig):
     """Context-IA3 has no options; its placement comes from the preset's IA3 table (keys, values, FFN)."""
 
     placement = "ia3"
+    identity = 1.0  # a scale of 1 changes nothing
 
 
 class ContextIA3Layer(ContextLayer):
