@@ -11,7 +11,8 @@ combination is a run) or an explicit ``runs`` list::
     grid: {adaptor: [ia3, bitfit, lora-8], targets: [A, F, AF], agnostic: [true, false]}
     plot: bars                           # bars (Figure 3) | rank (Figure 4) | a list of both
 
-Axes (and the keys of a ``runs`` entry): ``adaptor`` (a kind, ``lora-R`` = LoRA of rank R), ``rank``, ``targets``
+Axes (and the keys of a ``runs`` entry): ``adaptor`` (a kind, ``lora-R`` = LoRA of rank R, ``none`` = the
+frozen LM, ``full`` = full fine-tuning: ``train.mode=full``), ``rank``, ``targets``
 (A | F | AF | module patterns), ``agnostic`` (true | false), or any dotted config key (``train.lr``). A run is
 named after its values (``lora-8_AF_specific``) and trains into ``<out>/<name>/`` with
 ``launch/train_task.py``. Overrides apply in this order: the sweep's ``overrides``, the command line's, the
@@ -49,6 +50,7 @@ from mtcpeft.io import atomic_path, previous_run, write_json
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "launch" / "train_task.py"
 AXES = ("adaptor", "rank", "targets", "agnostic")
+FULL = "full"  # adaptor axis value of full fine-tuning (train.mode=full, no adaptor); "none" is the frozen LM
 SWEEP_KEYS = ("base", "task", "out", "overrides", "grid", "runs", "plot")
 PLOTS = ("bars", "rank")
 STATUS_FILE = "sweep_run.json"  # per run: status, wall time, error, command (written by the sweep)
@@ -101,6 +103,8 @@ def axis_overrides(axis: str, value: Any) -> list[str]:
     """Config overrides of one axis value: ``("adaptor", "lora-8")`` -> adaptor.kind=lora, adaptor.rank=8."""
     if axis == "adaptor":
         kind, dash, rank = str(value).partition("-")
+        if kind == FULL and not dash:  # Table 1's full fine-tuning row: a training mode, not an adaptor kind
+            return ["adaptor.kind=none", "train.mode=full"]
         if not dash:
             return [f"adaptor.kind={kind}"]
         if kind != "lora" or not rank.isdigit() or int(rank) < 1:
@@ -368,7 +372,8 @@ def run_row(plan: RunPlan) -> dict:
     res, st = _read_json(plan.dir / "results.json"), _read_json(plan.dir / STATUS_FILE)
     ok = res.get("best_val_ppl") is not None
     status = "ok" if ok else st.get("status") if st.get("status") == "failed" else "pending"
-    return {"run": plan.name, "adaptor": spec.kind, "rank": spec.rank if spec.kind == "lora" else None,
+    adaptor = FULL if plan.config.train.mode == "full" else spec.kind
+    return {"run": plan.name, "adaptor": adaptor, "rank": spec.rank if spec.kind == "lora" else None,
             "targets": spec.targets, "agnostic": spec.context_agnostic,
             "trainable_params": res.get("trainable_parameters"), "best_val_ppl": res.get("best_val_ppl"),
             "best_epoch": res.get("best_epoch"), "wall_time_s": st.get("wall_time_s"), "status": status,

@@ -420,7 +420,7 @@ def apply_plugin(model: ContextModel, manifest: dict, tensors: dict[str, torch.T
 
     A plugin context ``c`` of task ``t`` goes to ``mapping[c]``, else to the model's context ``c``, else to
     ``t.c`` (so a task plugin fills its namespaced groups of a unified model). Each group is stored as the model's
-    adaptor config holds it (:meth:`~mtcpeft.core.adaptors.AdaptorConfig.conform`: e.g. a smaller LoRA rank
+    adaptor config holds it (:meth:`~mtcpeft.core.adaptors.AdaptorConfig.conform`: e.g. a smaller rank
     zero-padded, another scale folded into B; exact). Model groups and targets the plugin does not name are left
     as they are.
     """
