@@ -90,7 +90,8 @@ class ModelConfig:
 class AdaptorSpec:
     """Which adaptor is trained and where. The option keys (rank, alpha, dropout) are the command line's spelling
     of the options the kinds declare (their config dataclass fields, e.g. ``LoRAConfig``); :meth:`build` hands a
-    kind the ones it declares and ignores the rest. Fine-tuning the whole LM is not an adaptor: ``train.mode``."""
+    kind the ones it declares, which the kind checks, and ignores the rest. Fine-tuning the whole LM is not an
+    adaptor: ``train.mode``."""
 
     kind: str = "lora"  # a registered adaptor kind (mtcpeft.core.adaptors.ADAPTORS: bitfit, ia3, lora, none)
     rank: int = 8  # LoRA rank per context
@@ -100,15 +101,17 @@ class AdaptorSpec:
     context_agnostic: bool = False  # one parameter group shared by all contexts instead of one per context
 
     def __post_init__(self):
-        from mtcpeft.core.adaptors import ADAPTORS  # here, not at import: keeps config importable without the layers
+        # imported here, not at module import: keeps config importable without the layers
+        from mtcpeft.core.adaptors import ADAPTORS, OptionError
 
         kinds = ADAPTORS.names()
         _check(self.kind in kinds, "kind", "must be one of " + ", ".join(map(repr, kinds)) + " (fine-tuning the "
                "whole LM is not an adaptor kind: set train.mode='full' with adaptor.kind='none')", self.kind)
-        _check(self.rank >= 1, "rank", "must be >= 1", self.rank)
-        _positive_or_none("alpha", self.alpha)
-        _dropout("dropout", self.dropout)
         _check(bool(self.targets.strip()), "targets", 'must be "A", "F", "AF" or module-name patterns', self.targets)
+        try:  # the kind checks the options it declares (one place: its config class)
+            self.build()
+        except OptionError as e:
+            raise _FieldError(e.option, f"{e.requirement} (adaptor {self.kind}), got {e.value!r}") from None
 
     def build(self):
         """The registered kind's :class:`~mtcpeft.core.adaptors.AdaptorConfig` from the options it declares."""
@@ -123,7 +126,8 @@ class AdaptorSpec:
 
     def set_options(self, options: dict) -> None:
         """Set the kind's options (``{"rank": 8, "alpha": 16.0, "dropout": 0.0}``), e.g. read from a plugin."""
-        unknown = sorted(k for k in options if k not in ("kind", "targets", "context_agnostic") and not hasattr(self, k))
+        keys = {f.name for f in dataclasses.fields(self)} - {"kind", "targets", "context_agnostic"}
+        unknown = sorted(k for k in options if k not in keys)
         if unknown:
             raise ConfigError(f"adaptor options {unknown} have no key in the adaptor section; add them to "
                               "mtcpeft.config.AdaptorSpec")

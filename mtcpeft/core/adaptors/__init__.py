@@ -5,8 +5,8 @@ A new kind is one file holding its config (a dataclass deriving from :class:`Ada
 :data:`ADAPTORS` and never name it.
 """
 from . import bitfit, ia3, lora, none  # noqa: F401  (registration side effects)
-from .base import (ADAPTORS, AdaptorConfig, ContextLayer, Group, adaptor_config, per_token_vectors, projection_dims,
-                   register_adaptor)
+from .base import (ADAPTORS, AdaptorConfig, ContextLayer, Group, OptionError, adaptor_config, per_token_vectors,
+                   projection_dims, register_adaptor)
 from .bitfit import BitFitConfig, ContextBitFitLayer
 from .ia3 import ContextIA3Layer, IA3Config
 from .lora import ContextLoRALayer, LoRAConfig
@@ -14,7 +14,7 @@ from .merging import GroupMergeError, low_rank, pad_rows, ties_merge
 from .none import NoAdaptorConfig
 
 __all__ = [
-    "ADAPTORS", "AdaptorConfig", "ContextLayer", "Group", "adaptor_config", "per_token_vectors", "projection_dims",
+    "ADAPTORS", "AdaptorConfig", "ContextLayer", "Group", "OptionError", "adaptor_config", "per_token_vectors", "projection_dims",
     "register_adaptor", "BitFitConfig", "ContextBitFitLayer", "IA3Config", "ContextIA3Layer", "LoRAConfig",
     "ContextLoRALayer", "NoAdaptorConfig", "GroupMergeError", "low_rank", "pad_rows", "ties_merge",
 ]

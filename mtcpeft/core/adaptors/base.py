@@ -24,12 +24,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtcpeft.core.contexts import Router, RoutingPlan
+from mtcpeft.errors import MtcpeftError
 from mtcpeft.registry import Registry
 from .merging import GroupMergeError, ties_merge
 
 Group = list[torch.Tensor]  # one context's tensors of one layer, in adaptor_param_names order, no context dim
 
 ADAPTORS: Registry[type["AdaptorConfig"]] = Registry("adaptor")
+
+
+class OptionError(MtcpeftError, ValueError):
+    """A bad value of an adaptor option; ``option`` names it (the run config reports it as ``adaptor.<option>``)."""
+
+    def __init__(self, kind: str, option: str, requirement: str, value):
+        super().__init__(f"{kind} {option} {requirement}, got {value!r}")
+        self.option, self.requirement, self.value = option, requirement, value
 
 
 def register_adaptor(name: str):

@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from mtcpeft.core.contexts import RoutingPlan
-from .base import AdaptorConfig, ContextLayer, Group, register_adaptor
+from .base import AdaptorConfig, ContextLayer, Group, OptionError, register_adaptor
 from .merging import GroupMergeError, low_rank, pad_rows, ties_merge
 
 
@@ -241,10 +241,12 @@ class LoRAConfig(AdaptorConfig):
     dropout: float = 0.0  # dropout on the layer input of the LoRA branch only
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise OptionError("LoRA", "rank", "must be a positive integer", self.rank)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+            raise OptionError("LoRA", "dropout", "must be in [0, 1)", self.dropout)
+        if self.alpha is not None and not self.alpha > 0:
+            raise OptionError("LoRA", "alpha", "must be positive (or null: alpha = rank)", self.alpha)
         if self.alpha is None:
             self.alpha = float(self.rank)
 
