@@ -174,6 +174,9 @@ def _check_sources(sources: list[Source], strategy: str, density: float) -> list
         if s.manifest["adaptor"].get("full_finetune"):
             raise MergeError(f"{where} fine-tunes the whole LM: only adaptor plugins ({', '.join(_mergeable())}) "
                              "merge")
+        if s.kind not in _mergeable():
+            raise MergeError(f"{where} holds no adaptor groups (kind {s.kind!r}); only adaptor plugins "
+                             f"({', '.join(_mergeable())}) merge")
         if s.kind != first.kind:
             raise MergeError(f"cannot merge a {first.kind} plugin ({first.name!r}) with a {s.kind} plugin "
                              f"({s.name!r}): their groups are different tensors; train them with one adaptor kind")

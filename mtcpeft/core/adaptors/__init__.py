@@ -14,7 +14,7 @@ from .merging import GroupMergeError, low_rank, pad_rows, ties_merge
 from .none import NoAdaptorConfig
 
 __all__ = [
-    "ADAPTORS", "AdaptorConfig", "ContextLayer", "Group", "OptionError", "adaptor_config", "per_token_vectors", "projection_dims",
-    "register_adaptor", "BitFitConfig", "ContextBitFitLayer", "IA3Config", "ContextIA3Layer", "LoRAConfig",
-    "ContextLoRALayer", "NoAdaptorConfig", "GroupMergeError", "low_rank", "pad_rows", "ties_merge",
+    "ADAPTORS", "AdaptorConfig", "ContextLayer", "Group", "OptionError", "adaptor_config", "per_token_vectors",
+    "projection_dims", "register_adaptor", "BitFitConfig", "ContextBitFitLayer", "IA3Config", "ContextIA3Layer",
+    "LoRAConfig", "ContextLoRALayer", "NoAdaptorConfig", "GroupMergeError", "low_rank", "pad_rows", "ties_merge",
 ]

@@ -136,8 +136,8 @@ class AdaptorConfig:
         """Why this kind's groups cannot combine by ``strategy`` (naming what it does and the kind's own), or None."""
         if strategy in cls.strategies:
             return None
-        does = next((ADAPTORS.get(k).strategies[strategy] for k in ADAPTORS if strategy in ADAPTORS.get(k).strategies),
-                    "is not a merge strategy")
+        defined = [ADAPTORS.get(k).strategies[strategy] for k in ADAPTORS if strategy in ADAPTORS.get(k).strategies]
+        does = defined[0] if defined else "is not a merge strategy"
         own = " or ".join(s for s in cls.strategies if s != "keep")
         return f"strategy {strategy!r} {does}; for {cls.name} use {own}"
 
