@@ -227,6 +227,16 @@ def _with_projector(tmp_path, name, model, weight):
     return save_plugin(tmp_path / name, manifest, {**tensors, "projector.proj.weight": weight})
 
 
+def test_plugins_without_adaptor_groups_and_bad_densities_are_refused_by_name(tmp_path):
+    frozen = _save(tmp_path, ContextModel(tiny_lm("llama"), "image,text", "none", "AF"), "frozen")
+    with pytest.raises(MergeError, match=r"plugin 'frozen' .* holds no adaptor groups \(kind 'none'\); only adaptor "
+                                         r"plugins \(bitfit, ia3, lora\) merge"):
+        merge_plugins(load_sources([frozen]))
+    _, cdir, _, qdir = _pair(tmp_path)
+    with pytest.raises(MergeError, match=r"TIES density must be in \(0, 1\], got 0"):
+        merge_plugins(load_sources([cdir, qdir]), ["vqa.text=caption.text+qa.answer"], "ties", density=0)
+
+
 def test_refusals_name_the_conflict(tmp_path):
     caption, cdir, qa, qdir = _pair(tmp_path)
     other = _save(tmp_path, _source("lora", "question,answer", 2, base_seed=1), "other")
