@@ -279,6 +279,9 @@ def _as_merge_error():
 
 
 def _merge_adaptors(sources, plan, targets, strategy, density) -> tuple[dict, dict]:
+    """(manifest "adaptor" entry, stacked tensors) of the unified plugin: per target, every planned group under the
+    merged config — a source's own group conformed to it, an identity group where the source lacks the target, a
+    new group combined from its members — stacked in plan order."""
     kind = ADAPTORS.get(sources[0].kind)
     params = kind.param_names()
     prefix = adaptor_prefix(sources[0].manifest)
