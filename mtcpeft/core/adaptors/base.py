@@ -58,7 +58,8 @@ class AdaptorConfig:
     name: ClassVar[str] = "?"
     layer_cls: ClassVar[type["ContextLayer"] | None] = None
     # which placement table of a preset this kind reads: "proj" (whole projections: LoRA, BitFit) or
-    # "ia3" (keys/values scaled at the output, the FFN intermediate at the down projection's input)
+    # "activations" (keys/values at their projections' output, the FFN intermediate at the down projection's input:
+    # IA3); with module-name patterns, "activations" kinds also read a ":in" / ":out" suffix
     placement: ClassVar[str] = "proj"
 
     # the value every tensor of a group holds when the group changes nothing (an added bias 0, a scale 1)
