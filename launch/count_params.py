@@ -4,12 +4,14 @@
     python launch/count_params.py --model smollm2 --adaptor lora --rank 64 --context-agnostic --json
     python launch/count_params.py --model path/to/config.json --adaptor ia3 --targets AF --random-init
     python launch/count_params.py --table --model paper-llm
+    python launch/count_params.py --model smollm2 --mode full --random-init   # full fine-tuning (train.mode=full)
 
 ``--model`` takes what :func:`mtcpeft.models.load_lm` takes (hub id, folder, .gguf, ``smollm2``, config.json),
 or ``paper-llm``: the Context-PEFT paper's own LLM built from its configuration (it has no public weights).
 ``--table`` prints one markdown table instead: IA3, BitFit, LoRA-1/8/64 in the ``--targets`` placement,
 context-agnostic and context-specific (``--contexts``), and full fine-tuning, each with its percent of the LM's
 parameters; it always builds on the meta device (instant).
+``--mode full`` counts full fine-tuning instead of an adaptor: every LM weight that trains with ``train.mode=full``.
 ``--random-init`` builds the model from its configuration on the meta device (instant, no weights read); the
 count is the same as with the real weights. Also runs under ``accelerate launch``.
 """
@@ -27,9 +29,10 @@ try:
 except ImportError:  # a fresh clone: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mtcpeft.config import TRAIN_MODES
 from mtcpeft.core.adaptors import ADAPTORS, adaptor_config
 from mtcpeft.core.inject import TargetError
-from mtcpeft.experiments.params import AGNOSTIC, build_lm, count_for, markdown_table, param_table
+from mtcpeft.experiments.params import AGNOSTIC, build_lm, count_for, count_full, markdown_table, param_table
 from mtcpeft.models import LMNotFoundError
 
 
@@ -37,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2", help="hub id, folder, .gguf, 'smollm2', 'paper-llm' or config.json")
     p.add_argument("--adaptor", default="lora", choices=ADAPTORS.names(), help="adaptor kind")
+    p.add_argument("--mode", default="adaptors", choices=TRAIN_MODES,
+                   help="what trains, as train.mode: the adaptor, or every LM weight (full; ignores --adaptor)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the LoRA config's)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--targets", default="AF", help="A, F, AF or comma-separated module-name patterns")
@@ -91,16 +96,21 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.table:
         return table(args)
-    config = adaptor_config(args.adaptor, **adaptor_options(args))
+    full = args.mode == "full"
+    config = adaptor_config("none" if full else args.adaptor, **({} if full else adaptor_options(args)))
     contexts = [AGNOSTIC] if args.context_agnostic else [c.strip() for c in args.contexts.split(",") if c.strip()]
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report (libraries log there)
-            count = count_for(args.model, config, contexts, args.targets, random_init=args.random_init)
+            if full:
+                count = count_full(build_lm(args.model, random_init=args.random_init))
+            else:
+                count = count_for(args.model, config, contexts, args.targets, random_init=args.random_init)
     except LMNotFoundError as e:  # a wrong --model: the message already says what to pass
         raise SystemExit(f"error: {e}") from None
     result = {
         "model": args.model,
-        "adaptor": args.adaptor,
+        "mode": args.mode,
+        "adaptor": None if full else args.adaptor,
         "rank": getattr(config, "rank", None),
         "targets": args.targets,
         "contexts": contexts,
@@ -113,14 +123,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(result))
         return result
-    adaptor = args.adaptor
+    adaptor = "full fine-tuning (train.mode=full)" if full else args.adaptor
     if hasattr(config, "rank"):
         adaptor += f" (rank {config.rank}, alpha {config.alpha:g})"
     rows = [
         ("model", args.model + (" (random init)" if args.random_init else "")),
         ("adaptor", adaptor),
-        ("targets", args.targets),
-        ("contexts", ", ".join(contexts) + (" (context-agnostic)" if args.context_agnostic else "")),
+        ("targets", "every LM weight" if full else args.targets),
+        ("contexts", "-" if full else ", ".join(contexts) + (" (context-agnostic)" if args.context_agnostic else "")),
         ("trainable", f"{count.trainable:>15,}"),
         ("total LM", f"{count.total_lm:>15,}"),
         ("percent", f"{count.percent:>14.4f}%"),

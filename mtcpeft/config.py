@@ -96,9 +96,12 @@ class ModelConfig:
 
 @dataclass
 class AdaptorSpec:
-    """Which adaptor is trained and where; turned into a registered adaptor config by the launch scripts."""
+    """Which adaptor is trained and where. The option keys (rank, alpha, dropout) are the command line's spelling
+    of the options the kinds declare (their config dataclass fields, e.g. ``LoRAConfig``); :meth:`build` hands a
+    kind the ones it declares, which the kind checks, and ignores the rest. Fine-tuning the whole LM is not an
+    adaptor: ``train.mode``."""
 
-    kind: str = "lora"  # a registered adaptor (lora, bitfit, ia3, none) or "full" (fine-tune the whole LM)
+    kind: str = "lora"  # a registered adaptor kind (mtcpeft.core.adaptors.ADAPTORS: bitfit, ia3, lora, none)
     rank: int = 8  # LoRA rank per context
     alpha: float | None = None  # LoRA scaling numerator (update scaled by alpha / rank); None = rank
     dropout: float = 0.0  # LoRA dropout on the adapted branch's input
@@ -106,13 +109,38 @@ class AdaptorSpec:
     context_agnostic: bool = False  # one parameter group shared by all contexts instead of one per context
 
     def __post_init__(self):
-        from mtcpeft.core.adaptors import ADAPTORS  # here, not at import: keeps config importable without the layers
+        # imported here, not at module import: keeps config importable without the layers
+        from mtcpeft.core.adaptors import ADAPTORS, OptionError
 
-        _one_of("kind", self.kind, ADAPTORS.names() + ["full"])
-        _check(self.rank >= 1, "rank", "must be >= 1", self.rank)
-        _positive_or_none("alpha", self.alpha)
-        _dropout("dropout", self.dropout)
+        kinds = ADAPTORS.names()
+        _check(self.kind in kinds, "kind", "must be one of " + ", ".join(map(repr, kinds)) + " (fine-tuning the "
+               "whole LM is not an adaptor kind: set train.mode='full' with adaptor.kind='none')", self.kind)
         _check(bool(self.targets.strip()), "targets", 'must be "A", "F", "AF" or module-name patterns', self.targets)
+        try:  # the kind checks the options it declares (one place: its config class)
+            self.build()
+        except OptionError as e:
+            raise _FieldError(e.option, f"{e.requirement} (adaptor {self.kind}), got {e.value!r}") from None
+
+    def build(self):
+        """The registered kind's :class:`~mtcpeft.core.adaptors.AdaptorConfig` from the options it declares."""
+        from mtcpeft.core.adaptors import ADAPTORS, adaptor_config
+
+        declared = ADAPTORS.get(self.kind).option_names()
+        unknown = [k for k in declared if not hasattr(self, k)]
+        if unknown:
+            raise ConfigError(f"adaptor kind {self.kind!r} has options {unknown} that the adaptor section cannot set; "
+                              f"add them to mtcpeft.config.AdaptorSpec")
+        return adaptor_config(self.kind, **{k: getattr(self, k) for k in declared})
+
+    def set_options(self, options: dict) -> None:
+        """Set the kind's options (``{"rank": 8, "alpha": 16.0, "dropout": 0.0}``), e.g. read from a plugin."""
+        keys = {f.name for f in dataclasses.fields(self)} - {"kind", "targets", "context_agnostic"}
+        unknown = sorted(k for k in options if k not in keys)
+        if unknown:
+            raise ConfigError(f"adaptor options {unknown} have no key in the adaptor section; add them to "
+                              "mtcpeft.config.AdaptorSpec")
+        for k, v in options.items():
+            setattr(self, k, v)
 
 
 SOURCES = ("easyvqa", "coco", "karpathy", "squad", "vqa2")
@@ -173,6 +201,9 @@ class DataConfig:
         return f"data.source={self.source} {split}{where}"
 
 
+TRAIN_MODES = ("adaptors", "full")  # train.mode: the injected adaptors train | the whole LM trains
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping. Adam(W) on the trainable parameters only."""
@@ -190,6 +221,8 @@ class TrainConfig:
     save_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = only at epoch ends
     log_every: int = 10  # log loss / lr every N optimizer steps
     resume: bool = False  # continue from the last checkpoint in output_dir
+    mode: str = "adaptors"  # what trains besides the projector: "adaptors" (the adaptor section; kind none = the
+    #   frozen LM) | "full" (every LM weight, no adaptor: set adaptor.kind=none)
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
@@ -204,6 +237,7 @@ class TrainConfig:
         _check(self.eval_every_epochs >= 1, "eval_every_epochs", "must be >= 1", self.eval_every_epochs)
         _check(self.save_every_steps >= 0, "save_every_steps", "must be >= 0", self.save_every_steps)
         _check(self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
+        _one_of("mode", self.mode, TRAIN_MODES)
 
 
 @dataclass
@@ -221,6 +255,10 @@ class RunConfig:
     def __post_init__(self):
         _check(bool(self.task), "task", "must name a registered task", self.task)
         _check(bool(self.output_dir), "output_dir", "must be a directory path", self.output_dir)
+        if self.train.mode == "full" and self.adaptor.build().param_names():
+            raise ConfigError(f"config key 'train.mode' is 'full' (every LM weight trains) but adaptor.kind is "
+                              f"{self.adaptor.kind!r}; set adaptor.kind=none for full fine-tuning, or train.mode="
+                              "adaptors to train the adaptor")
 
 
 # ------------------------------------------------------------------------------------------- type checking

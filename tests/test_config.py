@@ -132,6 +132,32 @@ def test_enum_message_lists_choices():
         load_config(None, ["adaptor.kind=lorra"])
 
 
+def test_full_finetuning_is_a_training_mode_not_an_adaptor_kind():
+    cfg = load_config(None, ["train.mode=full", "adaptor.kind=none"])
+    assert (cfg.train.mode, cfg.adaptor.kind) == ("full", "none")
+    assert load_config(None).train.mode == "adaptors"
+    # the old spelling names the new one
+    with pytest.raises(ConfigError, match=r"config key 'adaptor.kind' must be one of .* set train.mode='full' with "
+                                          r"adaptor.kind='none'.*got 'full'"):
+        load_config(None, ["adaptor.kind=full"])
+    with pytest.raises(ConfigError, match=r"'train.mode' is 'full' .* adaptor.kind is 'lora'; set adaptor.kind=none"):
+        load_config(None, ["train.mode=full"])
+    with pytest.raises(ConfigError, match=r"config key 'train.mode' must be one of 'adaptors', 'full'"):
+        load_config(None, ["train.mode=frozen"])
+
+
+def test_adaptor_spec_builds_the_kind_from_the_options_it_declares():
+    from mtcpeft.core.adaptors import BitFitConfig, LoRAConfig
+
+    spec = load_config(None, ["adaptor.rank=4", "adaptor.alpha=2", "adaptor.dropout=0.1"]).adaptor
+    assert spec.build() == LoRAConfig(rank=4, alpha=2.0, dropout=0.1)
+    assert load_config(None, ["adaptor.kind=bitfit", "adaptor.rank=4"]).adaptor.build() == BitFitConfig()
+    spec.set_options({"rank": 16, "alpha": 32.0})
+    assert (spec.rank, spec.alpha) == (16, 32.0)
+    with pytest.raises(ConfigError, match=r"adaptor options \['gate'\] have no key in the adaptor section"):
+        spec.set_options({"gate": 1.0})
+
+
 def test_vision_pretrained_accepts_a_path():
     assert load_config(None, ["model.vision_pretrained=ckpt/enc.safetensors"]).model.vision_pretrained \
         == "ckpt/enc.safetensors"
@@ -207,8 +233,10 @@ def test_run_config_loads_and_validates(path):
         assert (cfg.data.seq_len, cfg.data.max_target_tokens, cfg.train.batch_size) == (128, 63, 96)
         assert cfg.model.vision.startswith("swinv2_") and cfg.model.image_size == 256
         assert cfg.train.betas == (0.9, 0.95) and cfg.train.lr == 1e-4 and cfg.train.mixed_precision == "bf16"
-        expected_kind = {"lora": "lora", "bitfit": "bitfit", "ia3": "ia3", "full": "full", "frozen": "none"}
-        assert cfg.adaptor.kind == expected_kind[path.stem.rsplit("_", 1)[-1]]
+        # full fine-tuning is a training mode (train.mode), not an adaptor kind
+        expected = {"lora": ("lora", "adaptors"), "bitfit": ("bitfit", "adaptors"), "ia3": ("ia3", "adaptors"),
+                    "full": ("none", "full"), "frozen": ("none", "adaptors")}
+        assert (cfg.adaptor.kind, cfg.train.mode) == expected[path.stem.rsplit("_", 1)[-1]]
 
 
 @pytest.mark.parametrize("name, distributed_type, zero_stage", [

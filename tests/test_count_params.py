@@ -173,3 +173,19 @@ def test_cli_table_and_option_checks(tmp_path, capsys):
     assert f"{result['trainable']:,}" in table and "bitfit" in table and "image, text" in table
     with pytest.raises(SystemExit, match="no --rank option"):
         count_params.main(["--model", str(tmp_path), "--random-init", "--adaptor", "bitfit", "--rank", "8"])
+
+
+def test_cli_full_mode_counts_every_lm_weight(tmp_path, capsys):
+    """--mode full counts full fine-tuning (train.mode=full): every LM weight, no adaptor."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import count_params
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    cfg = tiny_config("llama")
+    cfg.save_pretrained(tmp_path)
+    result = count_params.main(["--model", str(tmp_path), "--random-init", "--mode", "full", "--json"])
+    total = AutoModelForCausalLM.from_config(cfg).num_parameters()
+    assert result["trainable"] == result["total_lm"] == total and result["percent"] == 100.0
+    assert (result["mode"], result["adaptor"]) == ("full", None)
+    assert json.loads(capsys.readouterr().out)["trainable"] == total

@@ -11,8 +11,9 @@ import yaml
 from conftest import VOCAB, tiny_lm
 from mtcpeft import ContextModel, LoRAConfig
 from mtcpeft.cli import run_cli
+from mtcpeft.core.adaptors import GroupMergeError, ties_merge
 from mtcpeft.plugins.merge import (MergeError, apply_plugin, load_sources, load_unified, merge_plugins, merge_to_dir,
-                           parse_route, projector_tensors, route_map, route_table, ties_merge)
+                           parse_route, projector_tensors, route_map, route_table)
 from mtcpeft.plugins.manifest import load_plugin, save_context_plugin, save_plugin
 from reference import randomize_adaptors
 
@@ -143,7 +144,7 @@ def test_ties_by_hand():
     torch.testing.assert_close(ties_merge([t1, t2], 0.5), torch.tensor([0.5, 0.0, 0.0, -0.7]))
     # density 1: nothing trimmed; signs +, +, +, -
     torch.testing.assert_close(ties_merge([t1, t2], 1.0), torch.tensor([0.5, 0.2, 0.2, -0.7]))
-    with pytest.raises(MergeError, match=r"density must be in \(0, 1\]"):
+    with pytest.raises(GroupMergeError, match=r"density must be in \(0, 1\]"):  # ties_merge lives with the kinds
         ties_merge([t1], 0.0)
 
 
@@ -224,6 +225,16 @@ def _with_projector(tmp_path, name, model, weight):
     manifest.pop("tensors")
     manifest["projector"] = {"kind": "linear", "in_dim": 3, "out_dim": 32}
     return save_plugin(tmp_path / name, manifest, {**tensors, "projector.proj.weight": weight})
+
+
+def test_plugins_without_adaptor_groups_and_bad_densities_are_refused_by_name(tmp_path):
+    frozen = _save(tmp_path, ContextModel(tiny_lm("llama"), "image,text", "none", "AF"), "frozen")
+    with pytest.raises(MergeError, match=r"plugin 'frozen' .* holds no adaptor groups \(kind 'none'\); only adaptor "
+                                         r"plugins \(bitfit, ia3, lora\) merge"):
+        merge_plugins(load_sources([frozen]))
+    _, cdir, _, qdir = _pair(tmp_path)
+    with pytest.raises(MergeError, match=r"TIES density must be in \(0, 1\], got 0"):
+        merge_plugins(load_sources([cdir, qdir]), ["vqa.text=caption.text+qa.answer"], "ties", density=0)
 
 
 def test_refusals_name_the_conflict(tmp_path):

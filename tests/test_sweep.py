@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import tiny_overrides
 from mtcpeft.experiments.plots import COLOURS, make_plots
 from mtcpeft.experiments.sweep import plan_runs, run_sweep
+from mtcpeft.experiments.sweep_results import collect_rows
 from mtcpeft.experiments.sweep_spec import SweepError, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,15 @@ def test_runs_list_and_dotted_axes(tmp_path):
     assert [p.name for p in plans] == ["lora-4_A_lr0.003", "mine"]
     assert [p.config.train.lr for p in plans] == [0.003, 0.0003]
     assert [(p.config.adaptor.kind, p.config.adaptor.rank) for p in plans] == [("lora", 4), ("ia3", 8)]
+
+
+def test_full_and_frozen_rows_of_table1_are_adaptor_axis_values(tmp_path):
+    path = sweep_file(tmp_path, {"grid": {"adaptor": ["full", "none", "lora-8"], "targets": ["AF"]}})
+    plans = plan_runs(load_sweep(path))
+    assert [p.name for p in plans] == ["full_AF", "none_AF", "lora-8_AF"]
+    assert [(p.config.train.mode, p.config.adaptor.kind) for p in plans] == [
+        ("full", "none"), ("adaptors", "none"), ("adaptors", "lora")]
+    assert [r["adaptor"] for r in collect_rows(plans)] == ["full", "none", "lora"]
 
 
 def test_axis_values_win_over_shared_and_command_line_overrides(tmp_path):

@@ -84,10 +84,33 @@ def test_context_agnostic_and_full_finetune_variants(tiny_lm_dir, tmp_path):
     assert model.lm.vocab.names == ("shared",)
     ds = build_datasets(cfg, task, model, tok, layout, splits=("val",), progress=False)["val"][0]
     assert set(ds.tensors["context_ids"].unique().tolist()) == {-1, 0}
-    full = build_task_model(tiny_run_config(tiny_lm_dir, tmp_path / "f", "adaptor.kind=full"), task)[0]
+    full = build_task_model(tiny_run_config(tiny_lm_dir, tmp_path / "f", "train.mode=full", "adaptor.kind=none"),
+                            task)[0]
     n_lm = sum(p.numel() for p in full.lm.parameters())
     assert sum(p.numel() for p in full.lm.parameters() if p.requires_grad) == n_lm
     frozen = build_task_model(tiny_run_config(tiny_lm_dir, tmp_path / "n", "adaptor.kind=none"), task)[0]
     assert not any(p.requires_grad for p in frozen.lm.parameters())
     assert all(p.requires_grad for p in frozen.projector.parameters())
     assert not any(p.requires_grad for p in frozen.encoder.parameters())
+
+
+def test_full_finetune_plugin_rebuilds_in_full_mode(tiny_lm_dir, tmp_path):
+    """A fully fine-tuned LM saves as a plugin whose manifest says so; loading it rebuilds a train.mode=full model
+    holding the saved weights (the mode, not an adaptor kind, travels through the manifest)."""
+    from mtcpeft.training.build import config_from_manifest
+
+    task = get_task("caption")
+    cfg = tiny_run_config(tiny_lm_dir, tmp_path / "f", "train.mode=full", "adaptor.kind=none")
+    model = build_task_model(cfg, task)[0]
+    lm_weight = next(p for n, p in model.named_parameters() if p.requires_grad and n.startswith("lm."))
+    with torch.no_grad():
+        lm_weight.add_(0.5)
+    task_plugin(model, cfg, task, tmp_path / "plugin")
+    loaded, _, _, _, manifest = load_task_model(tmp_path / "plugin")
+    assert manifest["adaptor"]["kind"] == "none" and manifest["adaptor"]["full_finetune"] is True
+    rebuilt = config_from_manifest(manifest)
+    assert (rebuilt.train.mode, rebuilt.adaptor.kind) == ("full", "none")
+    own = dict(loaded.named_parameters())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(own[n], p.detach())

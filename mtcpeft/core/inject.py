@@ -105,7 +105,8 @@ def resolve_targets(
     """[(module name, role, parts)] to wrap. ``targets``: a placement ("A", "F", "AF") or name patterns.
 
     A pattern is a module-name suffix (``q_proj``, ``attn.c_attn``) or ``re:<regex>`` matched against the full
-    name; for IA3 a pattern may end in ``:in`` to scale the projection's input instead of its output.
+    name; for a kind placed on activations (IA3) a pattern may end in ``:in`` to act on the projection's input
+    instead of its output.
     """
     names = projection_names(model)
     if isinstance(targets, str) and targets.upper() in PLACEMENTS:
@@ -117,7 +118,7 @@ def resolve_targets(
                 f"no target preset for model type {mtype!r} (presets: {sorted(PRESETS)}); pass explicit module-name "
                 f"patterns instead, e.g. targets=['q_proj', 'v_proj']. Candidate modules: {_candidates(model)}"
             )
-        if config.placement == "ia3":
+        if config.placement == "activations":
             wanted = (preset.ia3_attention if "A" in placement else ()) + (
                 preset.ia3_feedforward if "F" in placement else ()
             )
@@ -139,7 +140,7 @@ def resolve_targets(
     out: dict[str, tuple[str, str, None]] = {}
     for pattern in targets:
         role = "proj"
-        if config.placement == "ia3":
+        if config.placement == "activations":
             role = "out"
             for r in ("in", "out"):
                 if pattern.endswith(":" + r):

@@ -109,7 +109,8 @@ class TableRow:
 
 
 def count_full(lm: nn.Module) -> ParamCount:
-    """Full fine-tuning: every LM parameter that requires grad as built (frozen input embeddings excluded)."""
+    """Full fine-tuning (``train.mode=full``, no adaptor): every LM parameter that requires grad as built (frozen
+    input embeddings excluded)."""
     return ParamCount(sum(p.numel() for p in lm.parameters() if p.requires_grad), count_lm_params(lm))
 
 

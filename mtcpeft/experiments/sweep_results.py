@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from mtcpeft.io import atomic_path
 from .runner import RunPlan, read_results
+from .sweep_spec import FULL
 
 STATUS_FILE = "sweep_run.json"  # per run: status, wall time, error, arguments (written by the sweep)
 COLUMNS = ("run", "adaptor", "rank", "targets", "agnostic", "trainable_params", "best_val_ppl", "best_epoch",
@@ -32,7 +33,8 @@ def run_row(plan: RunPlan) -> dict:
     res, st = read_results(plan.output_dir), read_status(plan.output_dir)
     ok = res.get("best_val_ppl") is not None
     status = "ok" if ok else st.get("status") if st.get("status") == "failed" else "pending"
-    return {"run": plan.name, "adaptor": spec.kind, "rank": spec.rank if spec.kind == "lora" else None,
+    adaptor = FULL if plan.config.train.mode == "full" else spec.kind
+    return {"run": plan.name, "adaptor": adaptor, "rank": spec.rank if spec.kind == "lora" else None,
             "targets": spec.targets, "agnostic": spec.context_agnostic,
             "trainable_params": res.get("trainable_parameters"), "best_val_ppl": res.get("best_val_ppl"),
             "best_epoch": res.get("best_epoch"), "wall_time_s": st.get("wall_time_s"), "status": status,

@@ -11,7 +11,8 @@ combination is a run) or an explicit ``runs`` list::
     grid: {adaptor: [ia3, bitfit, lora-8], targets: [A, F, AF], agnostic: [true, false]}
     plot: bars                           # bars (Figure 3) | rank (Figure 4) | a list of both
 
-Axes (and the keys of a ``runs`` entry): ``adaptor`` (a kind, ``lora-R`` = LoRA of rank R), ``rank``, ``targets``
+Axes (and the keys of a ``runs`` entry): ``adaptor`` (a kind, ``lora-R`` = LoRA of rank R, ``none`` = the
+frozen LM, ``full`` = full fine-tuning: ``train.mode=full``), ``rank``, ``targets``
 (A | F | AF | module patterns), ``agnostic`` (true | false), or any dotted config key (``train.lr``). A run is
 named after its values (``lora-8_AF_specific``). How the runs are trained: :mod:`.sweep`.
 """
@@ -30,6 +31,7 @@ import yaml
 from mtcpeft.config import ConfigError, load_config
 
 AXES = ("adaptor", "rank", "targets", "agnostic")
+FULL = "full"  # adaptor axis value of full fine-tuning (train.mode=full, no adaptor); "none" is the frozen LM
 SWEEP_KEYS = ("base", "task", "out", "overrides", "grid", "runs", "plot")
 PLOTS = ("bars", "rank")
 
@@ -60,6 +62,8 @@ def axis_overrides(axis: str, value: Any) -> list[str]:
     """Config overrides of one axis value: ``("adaptor", "lora-8")`` -> adaptor.kind=lora, adaptor.rank=8."""
     if axis == "adaptor":
         kind, dash, rank = str(value).partition("-")
+        if kind == FULL and not dash:  # Table 1's full fine-tuning row: a training mode, not an adaptor kind
+            return ["adaptor.kind=none", "train.mode=full"]
         if not dash:
             return [f"adaptor.kind={kind}"]
         if kind != "lora" or not rank.isdigit() or int(rank) < 1:

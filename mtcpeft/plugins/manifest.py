@@ -10,7 +10,7 @@ A plugin is a directory:
     format_version  1
     task            the task that trained it ("caption"), or the name of a merged plugin ("unified")
     contexts        the adaptor groups, in stacking order (leading dim of every adaptor tensor)
-    adaptor         {kind, <options of the kind: rank, alpha, dropout for LoRA>, full_finetune}
+    adaptor         {kind, <the kind's options (its config's fields)>, full_finetune}
     placement       "A" / "F" / "AF" or comma-separated module-name patterns (how the targets were chosen)
     targets         adapted module names of the LM, in model order
     base_lm         where the base LM came from; base_lm_fingerprint: hash of its frozen weights
@@ -83,8 +83,7 @@ def adaptor_param_names(kind: str) -> tuple[str, ...]:
     """Per-context tensor names of an adaptor kind (``("lora_A", "lora_B")``), read from its layer class."""
     from mtcpeft.core.adaptors import ADAPTORS  # late: the adaptors package is heavier than this file
 
-    layer = ADAPTORS.get(kind).layer_cls
-    return layer.adaptor_param_names if layer is not None else ()
+    return ADAPTORS.get(kind).param_names()
 
 
 def adaptor_options(manifest: dict) -> dict:
@@ -115,9 +114,9 @@ def validate_manifest(manifest: dict, where: str = "") -> None:
     """Raise :class:`PluginError` naming the first problem of a manifest on its own; return None when it is sound.
 
     Checks: format version, required keys, a registered adaptor kind with valid options, non-empty unique
-    contexts, every adaptor tensor present for every target, leading dim = number of contexts, LoRA shapes
-    ``lora_A`` (C, rank, d_in) and ``lora_B`` (C, rank, d_out) with the manifest's rank, BitFit/IA3 (C, width),
-    and routes (merged plugins) naming known contexts.
+    contexts, every adaptor tensor present for every target, leading dim = number of contexts, the shapes the
+    adaptor kind declares (:meth:`~mtcpeft.core.adaptors.AdaptorConfig.shape_problem`), and routes (merged
+    plugins) naming known contexts.
     """
     from mtcpeft.core.adaptors import ADAPTORS, adaptor_config
 
@@ -162,6 +161,7 @@ def validate_manifest(manifest: dict, where: str = "") -> None:
 
 
 def _check_adaptor_shapes(manifest: dict, config, where: str) -> None:
+    """Every target has its tensors, stacked over the contexts, in the shapes the adaptor kind declares."""
     shapes, n_ctx = manifest["tensors"], len(manifest["contexts"])
     wanted = adaptor_tensor_names(manifest)
     params = adaptor_param_names(config.name)
@@ -176,24 +176,17 @@ def _check_adaptor_shapes(manifest: dict, config, where: str) -> None:
     if stray:
         raise _fail(where, f"tensor {stray[0]!r} is an adaptor tensor of no listed target; add its module to "
                            "'targets' or drop the tensor")
-    for name, (target, param) in wanted.items():
-        shape = shapes[name]
-        dims = 3 if config.name == "lora" else 2
-        if len(shape) != dims:
-            raise _fail(where, f"tensor {name!r} has shape {shape}; a {config.name} {param} is {dims}-D "
-                               f"(contexts first)")
-        if shape[0] != n_ctx:
-            raise _fail(where, f"tensor {name!r} has leading dim {shape[0]} but the manifest lists {n_ctx} contexts "
-                               f"{manifest['contexts']}; adaptor tensors are stacked over contexts")
-        if config.name == "lora":
-            if shape[1] != config.rank:
-                raise _fail(where, f"tensor {name!r} has rank dim {shape[1]} but adaptor.rank is {config.rank}")
-    if config.name == "lora":
-        prefix = adaptor_prefix(manifest)
-        for t in manifest["targets"]:
-            a, b = shapes[f"{prefix}{t}.lora_A"], shapes[f"{prefix}{t}.lora_B"]
-            if a[:2] != b[:2]:
-                raise _fail(where, f"target {t!r}: lora_A {a} and lora_B {b} disagree on (contexts, rank)")
+    for name in wanted:
+        if not shapes[name] or shapes[name][0] != n_ctx:
+            raise _fail(where, f"tensor {name!r} has leading dim {(shapes[name] or [None])[0]} but the manifest "
+                               f"lists {n_ctx} contexts {manifest['contexts']}; adaptor tensors are stacked over "
+                               "contexts")
+    prefix = adaptor_prefix(manifest)
+    for t in manifest["targets"]:
+        problem = config.shape_problem({p: shapes[f"{prefix}{t}.{p}"] for p in params})
+        if problem is not None:
+            param, what = problem
+            raise _fail(where, f"tensor {prefix + t + '.' + param!r} {what}")
 
 
 def _check_routes(manifest: dict, where: str) -> None:

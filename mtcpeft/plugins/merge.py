@@ -10,24 +10,18 @@ mix tasks with no adapter switching (each token picks its group).
   caption.text``), built by the strategy:
 
   - ``keep``: a route must name exactly one group (exact: no new group);
-  - ``concat`` (LoRA only, EXACT): the new group's delta is the SUM of the members' deltas, by concatenating
-    their factors along the rank; the merged rank grows to the largest that any group needs;
-  - ``average``: elementwise mean of the members' tensors; exact for BitFit (mean of biases) and for IA3 means
-    the mean scale; for LoRA, A and B are averaged separately, which is NOT the mean of the updates B·A
-    (approximate);
-  - ``ties``: TIES-merging (Yadav et al., 2023, arXiv 2306.01708) of the members' task vectors per tensor: trim
-    each to its top ``density`` fraction by magnitude, elect the sign of the summed trimmed values, average
-    the entries that agree with it. Task vectors are BitFit biases (from 0), IA3 scales minus 1, and for LoRA
-    the dense update scale·A^T·B, whose TIES result is re-factorised by truncated SVD to the group's rank (the
-    best rank-r approximation, Eckart-Young: approximate).
+  - ``average``, ``ties`` (TIES-merging, Yadav et al., 2023, arXiv 2306.01708, with ``density``), ``concat``:
+    how several groups combine into one is the adaptor kind's own (``AdaptorConfig.combine`` in
+    :mod:`mtcpeft.core.adaptors`; each kind's ``strategies`` says what a strategy does to its groups and which
+    it supports).
 
-* LoRA groups of different ranks or scales (alpha / rank) are made exact in one stacked tensor: ranks are
-  zero-padded to the largest, and when the sources' scales differ each source's scale is folded into B and
-  the merged plugin has scale 1 (alpha = rank). Targets a source lacks (allowed when its targets are a subset
-  of another's) get an identity group: LoRA B = 0 (A a seeded Kaiming-uniform, so joint fine-tuning can start),
-  BitFit 0, IA3 1.
-* Refused: plugins of different base LMs (fingerprint), different adaptor kinds, fully fine-tuned LMs, target
-  sets that are not nested, different widths, and two different projectors unless ``projector`` picks one.
+* The kind also decides the merged plugin's options (``AdaptorConfig.merged``, e.g. the largest rank any group
+  needs), how a source group is stored under them, exactly (``conform``, e.g. rank padding and scale folding),
+  and the group that changes nothing (``identity_group``), given to targets a source lacks (allowed when its
+  targets are a subset of another's). Only the tensor names the kind declares are touched.
+* Refused: plugins of different base LMs (fingerprint), different adaptor kinds, fully fine-tuned LMs, a strategy
+  the kind does not define, target sets that are not nested, different widths, and two different projectors
+  unless ``projector`` picks one.
 
 The manifest adds ``routes`` {task: {task context: group}} (each source task routes to its own groups),
 ``generated`` {task: group of generated tokens}, ``merge`` {strategy, density, new_groups, exact} and
@@ -37,19 +31,17 @@ ContextModel.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
-import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mtcpeft.core.adaptors import adaptor_config
+from mtcpeft.core.adaptors import ADAPTORS, AdaptorConfig, GroupMergeError, adaptor_config
 from mtcpeft.core.model import ContextModel
 from .manifest import (PluginError, adaptor_options, adaptor_param_names, adaptor_prefix, check_compatible,
                      lm_fingerprint, load_plugin, save_plugin)
@@ -57,7 +49,6 @@ from .manifest import (PluginError, adaptor_options, adaptor_param_names, adapto
 STRATEGIES = ("keep", "average", "ties", "concat")
 PROJECTOR_PREFIX = "projector."
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
-_IDENTITY = {"lora": 0.0, "bitfit": 0.0, "ia3": 1.0}  # the value of an adaptor tensor that changes nothing
 
 
 class MergeError(PluginError):
@@ -118,8 +109,8 @@ class Source:
         return self.manifest["adaptor"]["kind"]
 
     @property
-    def scale(self) -> float:
-        return adaptor_config("lora", **adaptor_options(self.manifest)).scale if self.kind == "lora" else 1.0
+    def config(self) -> AdaptorConfig:
+        return adaptor_config(self.kind, **adaptor_options(self.manifest))
 
 
 def parse_plugin_arg(text: str) -> tuple[str | None, str]:
@@ -156,7 +147,12 @@ def task_routes(manifest: dict) -> dict[str, dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------- the plan
-def _check_sources(sources: list[Source], strategy: str) -> list[str]:
+def _mergeable() -> list[str]:
+    """Kinds with per-context tensors: what a merge can combine."""
+    return [k for k in ADAPTORS if ADAPTORS.get(k).param_names()]
+
+
+def _check_sources(sources: list[Source], strategy: str, density: float) -> list[str]:
     """Refuse what cannot be combined; return the merged targets (the largest set, in model order)."""
     if not sources:
         raise MergeError("nothing to merge: pass at least one plugin")
@@ -176,14 +172,21 @@ def _check_sources(sources: list[Source], strategy: str) -> list[str]:
                 f"{s.manifest['base_lm_fingerprint']} ({s.manifest['base_lm']!r}) vs "
                 f"{first.manifest['base_lm_fingerprint']} ({first.manifest['base_lm']!r}); merge plugins of one base")
         if s.manifest["adaptor"].get("full_finetune"):
-            raise MergeError(f"{where} fine-tunes the whole LM: only adaptor plugins (lora, bitfit, ia3) merge")
+            raise MergeError(f"{where} fine-tunes the whole LM: only adaptor plugins ({', '.join(_mergeable())}) "
+                             "merge")
+        if s.kind not in _mergeable():
+            raise MergeError(f"{where} holds no adaptor groups (kind {s.kind!r}); only adaptor plugins "
+                             f"({', '.join(_mergeable())}) merge")
         if s.kind != first.kind:
             raise MergeError(f"cannot merge a {first.kind} plugin ({first.name!r}) with a {s.kind} plugin "
                              f"({s.name!r}): their groups are different tensors; train them with one adaptor kind")
     if strategy not in STRATEGIES:
         raise MergeError(f"unknown strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}")
-    if strategy == "concat" and first.kind != "lora":
-        raise MergeError(f"strategy 'concat' concatenates LoRA ranks; for {first.kind} use average or ties")
+    problem = ADAPTORS.get(first.kind).strategy_problem(strategy)
+    if problem:
+        raise MergeError(problem)
+    if strategy == "ties" and not 0.0 < density <= 1.0:
+        raise MergeError(f"TIES density must be in (0, 1], got {density}")
     widest = max(sources, key=lambda s: len(s.manifest["targets"]))
     targets = widest.manifest["targets"]
     for s in sources:
@@ -250,7 +253,7 @@ def _plan(sources: list[Source], routes: Sequence[Route], strategy: str, generat
             continue
         if strategy == "keep":
             raise MergeError(f"route {r.name}={'+'.join(r.groups)} names {len(r.groups)} groups but strategy 'keep' "
-                             "needs exactly one; pick --strategy average, ties or concat (LoRA) to merge them")
+                             "needs exactly one; pick --strategy average, ties or concat to merge them")
         new[r.name] = r.groups
         groups.append(r.name)
         table.setdefault(r.task, {})[r.context] = r.name
@@ -264,83 +267,27 @@ def _plan(sources: list[Source], routes: Sequence[Route], strategy: str, generat
 
 
 # ------------------------------------------------------------------------------------------- strategies
-def ties_merge(deltas: Sequence[torch.Tensor], density: float = 0.2) -> torch.Tensor:
-    """TIES-merging (Yadav et al., 2023, arXiv 2306.01708) of task vectors of one tensor (same shapes).
-
-    Trim: each task vector keeps its top ``density`` fraction of entries by magnitude (ties at the threshold
-    kept), others set to 0. Elect: the sign of the sum of the trimmed vectors. Disjoint merge: each entry is the
-    mean of the trimmed values that are nonzero and agree with the elected sign (0 if none).
-    """
-    if not 0.0 < density <= 1.0:
-        raise MergeError(f"TIES density must be in (0, 1], got {density}")
-    stack = torch.stack([d.reshape(-1).double() for d in deltas])  # (k, n)
-    keep = max(1, math.ceil(density * stack.shape[1]))
-    if keep < stack.shape[1]:
-        threshold = stack.abs().topk(keep, dim=1).values[:, -1:]  # (k, 1)
-        stack = torch.where(stack.abs() >= threshold, stack, torch.zeros_like(stack))
-    sign = torch.sign(stack.sum(0))
-    agree = (torch.sign(stack) == sign) & (stack != 0)
-    merged = (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
-    return merged.reshape(deltas[0].shape).to(deltas[0].dtype)
-
-
-def _low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (rank, d_in), B (rank, d_out) with A^T B the best rank-``rank`` approximation of delta (d_in, d_out)."""
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    k = min(rank, S.shape[0])
-    root = S[:k].sqrt()
-    A, B = (U[:, :k] * root).t(), root[:, None] * Vh[:k]
-    pad = (0, 0, 0, rank - k)
-    return F.pad(A, pad).to(delta.dtype), F.pad(B, pad).to(delta.dtype)
-
-
-def _pad_rank(t: torch.Tensor, rank: int) -> torch.Tensor:
-    return F.pad(t, (0, 0, 0, rank - t.shape[0]))
-
-
-def _combine(kind: str, members: list[list[torch.Tensor]], strategy: str, scale: float, density: float):
-    """The new group's tensors from member groups: per member [A, B] (LoRA, scale already common) or [v]."""
-    if kind == "lora":
-        if strategy == "concat":  # sum of updates: [A1; A2]^T [B1; B2] = A1^T B1 + A2^T B2
-            return [torch.cat([m[0] for m in members]), torch.cat([m[1] for m in members])]
-        rank = max(m[0].shape[0] for m in members)
-        if strategy == "average":
-            return [torch.stack([_pad_rank(m[i], rank) for m in members]).mean(0) for i in (0, 1)]
-        merged = ties_merge([scale * m[0].t().double() @ m[1].double() for m in members], density)  # (d_in, d_out)
-        A, B = _low_rank(merged / scale, rank)
-        return [A.to(members[0][0].dtype), B.to(members[0][1].dtype)]
-    if strategy == "average":
-        return [torch.stack([m[0] for m in members]).mean(0)]
-    ident = _IDENTITY[kind]
-    return [ident + ties_merge([m[0] - ident for m in members], density)]
-
-
-def _identity_group(kind: str, target: str, group: str, shapes: list[torch.Size], rank: int):
-    """Tensors of a group that changes nothing (LoRA: B = 0 with a seeded Kaiming-uniform A)."""
-    if kind != "lora":
-        return [torch.full(shapes[0][1:], _IDENTITY[kind])]
-    d_in, d_out = shapes[0][-1], shapes[1][-1]
-    g = torch.Generator().manual_seed(zlib.crc32(f"{target}/{group}".encode()))
-    bound = 1.0 / math.sqrt(d_in)
-    return [torch.rand(rank, d_in, generator=g) * 2 * bound - bound, torch.zeros(rank, d_out)]
-
-
-def _merged_lora(sources: list[Source], plan: _Plan, strategy: str) -> tuple[int, float]:
-    """(rank, scale) of the merged LoRA: the common scale if all sources share one, else 1 (folded into B)."""
-    scales = {s.scale for s in sources}
-    scale = scales.pop() if len(scales) == 1 else 1.0
-    rank = max(s.manifest["adaptor"]["rank"] for s in sources)
-    for members in plan.new.values():
-        ranks = [plan.owner[g][0].manifest["adaptor"]["rank"] for g in members]
-        rank = max(rank, sum(ranks) if strategy == "concat" else max(ranks))
-    return rank, scale
+# How groups combine is the adaptor kind's (mtcpeft.core.adaptors: AdaptorConfig.merged / conform / combine /
+# identity_group); this part only gathers each target's groups, in plan order, and stacks them.
+@contextmanager
+def _as_merge_error():
+    """A kind's refusal (:class:`GroupMergeError`) surfaces as this module's :class:`MergeError`."""
+    try:
+        yield
+    except GroupMergeError as e:
+        raise MergeError(str(e)) from None
 
 
 def _merge_adaptors(sources, plan, targets, strategy, density) -> tuple[dict, dict]:
-    kind = sources[0].kind
-    params = adaptor_param_names(kind)
+    """(manifest "adaptor" entry, stacked tensors) of the unified plugin: per target, every planned group under the
+    merged config — a source's own group conformed to it, an identity group where the source lacks the target, a
+    new group combined from its members — stacked in plan order."""
+    kind = ADAPTORS.get(sources[0].kind)
+    params = kind.param_names()
     prefix = adaptor_prefix(sources[0].manifest)
-    rank, scale = _merged_lora(sources, plan, strategy) if kind == "lora" else (0, 1.0)
+    configs = {s.name: s.config for s in sources}
+    merged = kind.merged([configs[s.name] for s in sources],
+                         [[configs[plan.owner[g][0].name] for g in members] for members in plan.new.values()], strategy)
     out = {}
     for t in targets:
         holders = [s for s in sources if t in s.manifest["targets"]]
@@ -351,27 +298,19 @@ def _merge_adaptors(sources, plan, targets, strategy, density) -> tuple[dict, di
             if [o[-1] for o in own] != [x[-1] for x in shapes]:  # d_in / d_out / scaled width
                 raise MergeError(f"target {t!r} has tensors {[list(o) for o in own]} in {s.name!r} but "
                                  f"{[list(x) for x in shapes]} in {holders[0].name!r}: different widths or placements")
-        groups = {}
+        saved = {}  # group -> (its tensors, the config they were saved under)
         for g, (s, i) in plan.owner.items():
-            if t not in s.manifest["targets"]:
-                groups[g] = _identity_group(kind, t, g, shapes, rank)
-                continue
-            ts = [s.tensors[f"{adaptor_prefix(s.manifest)}{t}.{p}"][i] for p in params]
-            if kind == "lora" and s.scale != scale:  # fold the source's scale into B: exact
-                ts[1] = ts[1] * (s.scale / scale)
-            groups[g] = ts
-        for g, members in plan.new.items():
-            groups[g] = _combine(kind, [groups[m] for m in members], strategy, scale, density)
+            if t in s.manifest["targets"]:
+                saved[g] = ([s.tensors[f"{adaptor_prefix(s.manifest)}{t}.{p}"][i] for p in params], configs[s.name])
+            else:  # a target this source lacks: a group that changes nothing
+                saved[g] = (merged.identity_group([x[1:] for x in shapes], f"{t}/{g}"), merged)
+        with _as_merge_error():
+            groups = {g: merged.conform(ts, config) for g, (ts, config) in saved.items()}
+            for g, members in plan.new.items():
+                groups[g] = merged.combine([saved[m] for m in members], strategy, density)
         for j, p in enumerate(params):
-            rows = [groups[g][j].to(dtype) for g in plan.groups]
-            if kind == "lora":
-                rows = [_pad_rank(r, rank) for r in rows]
-            out[f"{prefix}{t}.{p}"] = torch.stack(rows).contiguous()
-    adaptor = {"kind": kind}
-    if kind == "lora":  # dropout only acts in training: the largest of the sources'
-        dropout = max(s.manifest["adaptor"].get("dropout", 0.0) for s in sources)
-        adaptor.update(rank=rank, alpha=scale * rank, dropout=dropout)
-    return {**adaptor, "full_finetune": False}, out
+            out[f"{prefix}{t}.{p}"] = torch.stack([groups[g][j].to(dtype) for g in plan.groups]).contiguous()
+    return {**merged.to_dict(), "full_finetune": False}, out
 
 
 def _projector(sources: list[Source], pick: str | None) -> Source | None:
@@ -404,7 +343,7 @@ def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (),
     """(manifest, tensors) of the unified plugin; see the module docstring for what each option does."""
     sources = list(sources)
     routes = [parse_route(r) if isinstance(r, str) else r for r in routes]
-    targets = _check_sources(sources, strategy)
+    targets = _check_sources(sources, strategy, density)
     for s in sources:
         stray = [k for k in s.tensors if not k.startswith((PROJECTOR_PREFIX, adaptor_prefix(s.manifest)))]
         if stray:
@@ -486,9 +425,10 @@ def apply_plugin(model: ContextModel, manifest: dict, tensors: dict[str, torch.T
     """Copy a plugin's groups into ``model`` by context name; returns {plugin context: model context}.
 
     A plugin context ``c`` of task ``t`` goes to ``mapping[c]``, else to the model's context ``c``, else to
-    ``t.c`` (so a task plugin fills its namespaced groups of a unified model). LoRA groups of a smaller rank are
-    zero-padded and a different scale is folded into B (exact). Model groups and targets the plugin does not
-    name are left as they are.
+    ``t.c`` (so a task plugin fills its namespaced groups of a unified model). Each group is stored as the model's
+    adaptor config holds it (:meth:`~mtcpeft.core.adaptors.AdaptorConfig.conform`: e.g. a smaller rank
+    zero-padded, another scale folded into B; exact). Model groups and targets the plugin does not name are left
+    as they are.
     """
     kind, full = manifest["adaptor"]["kind"], manifest["adaptor"].get("full_finetune")
     if full or model.adaptor.name != kind:
@@ -506,29 +446,26 @@ def apply_plugin(model: ContextModel, manifest: dict, tensors: dict[str, torch.T
             raise MergeError(f"the model has no context for the plugin's {c!r} (tried {c!r} and "
                              f"{manifest['task']}.{c!r}); its contexts: {list(model.vocab.names)}; pass mapping=")
     layers = dict(model.context_layers())
-    rank_p = manifest["adaptor"].get("rank")
-    ratio = 1.0
-    if kind == "lora":
-        config = adaptor_config("lora", **adaptor_options(manifest))
-        rank_m = model.adaptor.rank
-        if rank_p > rank_m:
-            raise MergeError(f"the plugin's LoRA rank {rank_p} exceeds the model's {rank_m}; build the model with "
-                             f"rank >= {rank_p}")
-        ratio = config.scale / model.adaptor.scale
+    saved_as = adaptor_config(kind, **adaptor_options(manifest))
+    problem = model.adaptor.fit_problem(saved_as)
+    if problem:
+        raise MergeError(f"the plugin does not fit the model: {problem}")
     params = adaptor_param_names(kind)
-    with torch.no_grad():
+    with torch.no_grad(), _as_merge_error():
         for t in manifest["targets"]:
             if t not in layers:
                 raise MergeError(f"the plugin adapts {t!r}, which the model does not; build it with the plugin's "
                                  f"placement {manifest['placement']!r}")
-            for p in params:
-                own, src = getattr(layers[t], p), tensors[f"{prefix}{t}.{p}"]
-                if src.shape[-1] != own.shape[-1] or src.shape[2:-1] != own.shape[2:-1]:
-                    raise MergeError(f"{t}.{p}: plugin shape {list(src.shape)} does not fit the model's "
-                                     f"{list(own.shape)} (another base LM or placement?)")
-                for i, c in enumerate(manifest["contexts"]):
-                    row = src[i] * ratio if p == "lora_B" and ratio != 1.0 else src[i]
-                    own[model.vocab.id(where[c])].copy_(_pad_rank(row, own.shape[1]) if kind == "lora" else row)
+            own = [getattr(layers[t], p) for p in params]
+            src = [tensors[f"{prefix}{t}.{p}"] for p in params]
+            for p, o, x in zip(params, own, src):
+                if x.shape[-1] != o.shape[-1] or x.shape[2:-1] != o.shape[2:-1]:
+                    raise MergeError(f"{t}.{p}: plugin shape {list(x.shape)} does not fit the model's "
+                                     f"{list(o.shape)} (another base LM or placement?)")
+            for i, c in enumerate(manifest["contexts"]):
+                group = model.adaptor.conform([x[i] for x in src], saved_as)  # e.g. rank padding, scale folding
+                for o, row in zip(own, group):
+                    o[model.vocab.id(where[c])].copy_(row)
     return where
 
 

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from mtcpeft.config import ConfigError, RunConfig, config_to_dict
-from mtcpeft.core.adaptors import adaptor_config
 from mtcpeft.core.contexts import ContextVocab
 from mtcpeft.core.model import ContextModel
 from mtcpeft.data.dataset import DataReport, EmptySplitError, EncodedDataset, check_images, open_image
@@ -17,7 +16,7 @@ from mtcpeft.models.lm import load_lm, load_tokenizer
 from mtcpeft.models.projector import Projector
 from mtcpeft.models.vision import build_vision_encoder, cached_features, image_transform
 from mtcpeft.models.vlm import VisionLanguageModel
-from mtcpeft.plugins.manifest import PluginError, lm_fingerprint, load_plugin, save_plugin
+from mtcpeft.plugins.manifest import PluginError, adaptor_options, lm_fingerprint, load_plugin, save_plugin
 
 SHARED = "shared"  # the one context of a context-agnostic model
 
@@ -43,20 +42,18 @@ def set_residual_dropout(lm: nn.Module, p: float) -> None:
 
 
 def build_context_lm(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: ContextVocab | None = None) -> ContextModel:
-    """The LM with the configured adaptor injected ("full" = no adaptor, every LM weight trainable). ``vocab``
+    """The LM with the configured adaptor injected; with ``train.mode=full`` every LM weight trains instead. ``vocab``
     replaces the task's contexts (a unified plugin's groups); generated tokens then name their context per call."""
     spec = cfg.adaptor
     lm = lm if lm is not None else load_lm(cfg.model.lm)
     if cfg.model.residual_dropout is not None:
         set_residual_dropout(lm, cfg.model.residual_dropout)
-    kind = "none" if spec.kind == "full" else spec.kind
-    opts = {"rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout} if kind == "lora" else {}
     contexts = ContextVocab((SHARED,)) if spec.context_agnostic else task.vocab
     gen = SHARED if spec.context_agnostic else task.generated_context
     if vocab is not None:
         contexts, gen = vocab, None
-    model = ContextModel(lm, contexts, adaptor_config(kind, **opts), spec.targets, generated_context=gen)
-    if spec.kind == "full":
+    model = ContextModel(lm, contexts, spec.build(), spec.targets, generated_context=gen)
+    if cfg.train.mode == "full":
         for p in lm.parameters():
             p.requires_grad_(True)
         if hasattr(lm, "freeze_input_embeddings"):  # the paper's LLM keeps its input embeddings frozen
@@ -166,7 +163,8 @@ def image_input(cfg: RunConfig, model: VisionLanguageModel, examples: list[dict]
 # ------------------------------------------------------------------------------------------------ plugins
 def task_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str | Path,
                 state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save adaptor + projector (or the whole LM for "full") with a manifest that can rebuild the model."""
+    """Save adaptor + projector (or the whole LM with ``train.mode=full``) with a manifest that can rebuild the
+    model."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = state if state is not None else dict(model.named_parameters())
     tensors = {n: t for n, t in state.items() if n in trainable}
@@ -178,7 +176,7 @@ def task_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str |
         "contexts": list(ctx_lm.vocab.names),
         "task_contexts": list(task.contexts),
         "generated_context": task.generated_context if not cfg.adaptor.context_agnostic else SHARED,
-        "adaptor": {**ctx_lm.adaptor.to_dict(), "full_finetune": cfg.adaptor.kind == "full"},
+        "adaptor": {**ctx_lm.adaptor.to_dict(), "full_finetune": cfg.train.mode == "full"},
         "placement": cfg.adaptor.targets,
         "targets": ctx_lm.target_names,
         "base_lm": cfg.model.lm,
@@ -207,11 +205,9 @@ def config_from_manifest(manifest: dict, lm: str | None = None) -> RunConfig:
         cfg.model.vision_pretrained = manifest["vision"]["pretrained"]
         cfg.model.image_size = manifest["vision"]["image_size"]
         cfg.model.projector = manifest["projector"]["kind"]
-    adaptor = dict(manifest["adaptor"])
-    kind, full = adaptor.pop("kind"), adaptor.pop("full_finetune", False)
-    cfg.adaptor.kind = "full" if full else kind
-    if kind == "lora":
-        cfg.adaptor.rank, cfg.adaptor.alpha, cfg.adaptor.dropout = adaptor["rank"], adaptor["alpha"], adaptor["dropout"]
+    cfg.adaptor.kind = manifest["adaptor"]["kind"]
+    cfg.adaptor.set_options(adaptor_options(manifest))
+    cfg.train.mode = "full" if manifest["adaptor"].get("full_finetune") else "adaptors"
     cfg.adaptor.context_agnostic = manifest["contexts"] == [SHARED]
     cfg.adaptor.targets = manifest["placement"]
     cfg.data.seq_len = manifest["layout"]["seq_len"]

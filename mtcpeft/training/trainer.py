@@ -143,7 +143,8 @@ class Trainer:
         set_seed(cfg.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("the model has no trainable parameters: choose an adaptor (or 'full') or a projector")
+            raise ValueError("the model has no trainable parameters: choose an adaptor (or train.mode=full) or a "
+                             "projector")
         self.num_trainable = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=self.tc.lr, betas=tuple(self.tc.betas), weight_decay=self.tc.weight_decay)
         g = torch.Generator().manual_seed(cfg.seed)

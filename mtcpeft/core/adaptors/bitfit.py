@@ -17,6 +17,8 @@ from .base import AdaptorConfig, ContextLayer, per_token_vectors, register_adapt
 class BitFitConfig(AdaptorConfig):
     """Context-BitFit has no options: one bias of d_out per context and targeted projection."""
 
+    identity = 0.0  # an added bias of 0 changes nothing
+
 
 class ContextBitFitLayer(ContextLayer):
     adaptor_param_names = ("bitfit_bias",)

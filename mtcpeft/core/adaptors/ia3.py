@@ -22,7 +22,8 @@ from .base import AdaptorConfig, ContextLayer, per_token_vectors, register_adapt
 class IA3Config(AdaptorConfig):
     """Context-IA3 has no options; its placement comes from the preset's IA3 table (keys, values, FFN)."""
 
-    placement = "ia3"
+    placement = "activations"  # the preset's IA3 tables: keys, values, FFN intermediate
+    identity = 1.0  # a scale of 1 changes nothing
 
 
 class ContextIA3Layer(ContextLayer):

@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,8 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from mtcpeft.core.contexts import RoutingPlan
-from .base import AdaptorConfig, ContextLayer, register_adaptor
+from .base import AdaptorConfig, ContextLayer, Group, OptionError, register_adaptor
+from .merging import GroupMergeError, low_rank, pad_rows, ties_merge
 
 
 # Rows per gather/scatter block: bounds the temporaries of one block (rows x (d_in + d_out) floats) to a few MB,
@@ -238,16 +241,93 @@ class LoRAConfig(AdaptorConfig):
     dropout: float = 0.0  # dropout on the layer input of the LoRA branch only
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise OptionError("LoRA", "rank", "must be a positive integer", self.rank)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+            raise OptionError("LoRA", "dropout", "must be in [0, 1)", self.dropout)
+        if self.alpha is not None and not self.alpha > 0:
+            raise OptionError("LoRA", "alpha", "must be positive (or null: alpha = rank)", self.alpha)
         if self.alpha is None:
             self.alpha = float(self.rank)
+
+    identity = 0.0  # of B; a group that changes nothing has B = 0 and any A
+    strategies = {
+        **AdaptorConfig.strategies,
+        "average": "averages A and B separately (NOT the mean of the updates B·A: approximate)",
+        "ties": "TIES-merges the dense updates scale·A^T·B, re-factorised to the rank by truncated SVD (approximate)",
+        "concat": "concatenates LoRA ranks",  # exact: [A1; A2]^T [B1; B2] = A1^T B1 + A2^T B2
+    }
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    # ------------------------------------------------------------------ plugins and merging (see AdaptorConfig)
+    def shape_problem(self, shapes: dict[str, list[int]]) -> tuple[str, str] | None:
+        """lora_A (C, rank, d_in) and lora_B (C, rank, d_out), agreeing on (C, rank)."""
+        for param, shape in shapes.items():
+            if len(shape) != 3:
+                return param, f"has shape {shape}; a LoRA {param} is 3-D (contexts, rank, width)"
+            if shape[1] != self.rank:
+                return param, f"has rank dim {shape[1]} but adaptor.rank is {self.rank}"
+        a, b = shapes["lora_A"], shapes["lora_B"]
+        if a[:2] != b[:2]:
+            return "lora_B", f"has shape {b} but lora_A has {a}: they disagree on (contexts, rank)"
+        return None
+
+    def fit_problem(self, source: "LoRAConfig") -> str | None:
+        if source.rank > self.rank:
+            return (f"LoRA groups of rank {source.rank} exceed the model's rank {self.rank}; build the model with "
+                    f"rank >= {source.rank}")
+        return None
+
+    def _fold(self, group: Group, source: "LoRAConfig") -> Group:
+        """Fold ``source``'s scale into B so that this config's scale computes the same update (exact)."""
+        A, B = group
+        return [A, B * (source.scale / self.scale)] if source.scale != self.scale else [A, B]
+
+    def conform(self, group: Group, source: "LoRAConfig") -> Group:
+        """Scale folded into B, both factors zero-padded to this rank: the same update, exactly."""
+        return [pad_rows(t, self.rank) for t in self._fold(group, source)]
+
+    def identity_group(self, shapes: Sequence[torch.Size], seed: str) -> Group:
+        """B = 0 and A a Kaiming-uniform seeded by ``seed`` (so that joint fine-tuning can start from it)."""
+        d_in, d_out = shapes[0][-1], shapes[1][-1]
+        g = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
+        bound = 1.0 / math.sqrt(d_in)
+        return [torch.rand(self.rank, d_in, generator=g) * 2 * bound - bound, torch.zeros(self.rank, d_out)]
+
+    @classmethod
+    def merged(cls, sources: Sequence["LoRAConfig"], new_groups: Sequence[Sequence["LoRAConfig"]],
+               strategy: str) -> "LoRAConfig":
+        """The largest rank any group needs (concat: the sum of its members'), the sources' common scale or 1
+        (each source's then folded into B: exact), the largest dropout (it acts in training only)."""
+        scales = {c.scale for c in sources}
+        scale = scales.pop() if len(scales) == 1 else 1.0
+        rank = max(c.rank for c in sources)
+        for members in new_groups:
+            ranks = [c.rank for c in members]
+            rank = max(rank, sum(ranks) if strategy == "concat" else max(ranks))
+        return cls(rank=rank, alpha=scale * rank, dropout=max(c.dropout for c in sources))
+
+    def combine(self, members: Sequence[tuple[Group, "LoRAConfig"]], strategy: str, density: float) -> Group:
+        """concat: the sum of the updates (exact); average: A and B averaged separately; ties: TIES on the dense
+        updates (d_in, d_out), then the best rank-r factors (r: the members' largest rank)."""
+        folded = [self._fold(g, c) for g, c in members]  # one common scale: this config's
+        if strategy == "concat":
+            A, B = torch.cat([m[0] for m in folded]), torch.cat([m[1] for m in folded])
+            return [pad_rows(A, self.rank), pad_rows(B, self.rank)]
+        rank = max(m[0].shape[0] for m in folded)
+        if strategy == "average":
+            A, B = [torch.stack([pad_rows(m[i], rank) for m in folded]).mean(0) for i in (0, 1)]
+        elif strategy == "ties":
+            s = self.scale
+            merged = ties_merge([s * m[0].t().double() @ m[1].double() for m in folded], density)  # (d_in, d_out)
+            A, B = low_rank(merged / s, rank)
+            A, B = A.to(folded[0][0].dtype), B.to(folded[0][1].dtype)
+        else:
+            raise GroupMergeError(self.strategy_problem(strategy) or f"LoRA cannot combine by {strategy!r}")
+        return [pad_rows(A, self.rank), pad_rows(B, self.rank)]
 
 
 class ContextLoRALayer(ContextLayer):
