@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mtcpeft.config import RunConfig, load_config
-from mtcpeft.training.build import build_task_model, build_datasets, task_plugin, load_task_model
+from mtcpeft.plugins.load import load_model
+from mtcpeft.training.build import build_task_model, build_datasets, task_plugin
 from mtcpeft.training.trainer import Trainer
 from conftest import tiny_overrides
 from tasks import get_task
@@ -52,8 +53,9 @@ def test_few_steps_lower_validation_perplexity_and_leave_a_plugin(tiny_lm_dir, t
     assert set(weights) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
 
     # the plugin rebuilds the same model: same validation perplexity
-    model, tok, layout, task, manifest = load_task_model(tmp_path / "run" / "plugin")
-    assert manifest["contexts"] == ["image", "text"] and manifest["adaptor"]["kind"] == "lora"
+    loaded = load_model(tmp_path / "run" / "plugin")
+    model, manifest = loaded.model, loaded.manifest
+    assert manifest.contexts == ["image", "text"] and manifest.adaptor.kind == "lora"
     ref = trainer.acc.unwrap_model(trainer.model).eval()
     batch = next(iter(torch.utils.data.DataLoader(trainer.val_dls[""].dataset, batch_size=4)))
     with torch.no_grad():
