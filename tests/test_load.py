@@ -95,3 +95,20 @@ def test_a_plugin_of_another_base_lm_is_refused_before_anything_is_copied(tiny_l
     other.resize_token_embeddings(300)
     with pytest.raises(PluginError, match="trained on another base LM"):
         load_model(cap_dir, other)
+
+
+def test_a_fully_fine_tuned_plugin_loads_through_the_same_loader(tiny_lm_dir, tmp_path):
+    cfg = load_config(None, [*tiny_overrides(tiny_lm_dir, tmp_path), "task=qa", *LAYOUT, "adaptor.kind=full"])
+    task = get_task("qa")
+    model, _, layout = build_task_model(cfg, task)
+    with torch.no_grad():
+        for p in model.lm.model.model.layers[0].parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # "trained" LM weights, the plugin's own tensors
+    plugin = task_plugin(model.eval(), cfg, task, tmp_path / "plugin")
+    loaded = load_model(plugin)
+    assert loaded.manifest.adaptor.full_finetune and loaded.layout == layout
+    ids = torch.randint(0, 300, (2, 12))
+    ctx = torch.zeros_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.lm(ids, context_ids=ctx).logits, model.lm(ids, context_ids=ctx).logits,
+                                   atol=0, rtol=0)
