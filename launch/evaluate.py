@@ -27,13 +27,10 @@ from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.config import ConfigError, config_from_dict, load_config  # noqa: E402
 from mtcpeft.evaluation.evaluate import evaluate_task  # noqa: E402
 from mtcpeft.io import write_json  # noqa: E402
-from mtcpeft.plugins.manifest import read_manifest  # noqa: E402
-from mtcpeft.plugins.merge import route_map  # noqa: E402
-from mtcpeft.training.build import config_from_manifest, load_task_model  # noqa: E402
-from mtcpeft.training.joint import build_joint_model, generated_group  # noqa: E402
+from mtcpeft.plugins.load import load_model  # noqa: E402
+from mtcpeft.plugins.manifest import Manifest  # noqa: E402
 from mtcpeft.training.trainer import configure_cpu_threads  # noqa: E402
 from tasks import TASKS, get_task  # noqa: E402
-from mtcpeft.data.task import SequenceLayout  # noqa: E402
 
 
 def positive_int(text: str) -> int:
@@ -43,18 +40,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def data_config(args, manifest: dict):
+def data_config(args, manifest: Manifest):
     """(config whose ``data`` section is evaluated on, where it came from): --config; else the data the plugin was
     trained on (recorded in its manifest, or its run's config.yaml); else configs/<task>_offline.yaml."""
     if args.config:
         return load_config(args.config, args.overrides), args.config
-    if "routes" not in manifest:  # a task plugin: its own training data
-        if manifest.get("data"):
+    if not manifest.unified:  # a task plugin: its own training data
+        if manifest.data:
             where = Path(args.plugin) / "plugin.json"
-            return config_from_dict({"data": manifest["data"]}, args.overrides, where=where), \
+            return config_from_dict({"data": manifest.data}, args.overrides, where=where), \
                 f"{where} (the data the plugin was trained on)"
         run = Path(args.plugin).parent / "config.yaml"
-        if run.is_file() and load_config(run).task == manifest["task"]:
+        if run.is_file() and load_config(run).task == manifest.task:
             return load_config(run, args.overrides), f"{run} (the plugin's training run)"
     default = ROOT / "configs" / f"{args.task}_offline.yaml"
     return load_config(default if default.is_file() else None, args.overrides), \
@@ -75,32 +72,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*", help="dotted data overrides, e.g. data.source=squad data.val_annotations=F")
     args = ap.parse_args(argv)
     task = get_task(args.task)  # an unknown task or a wrong plugin fails before any model is loaded
-    manifest = read_manifest(args.plugin)
-    if "routes" not in manifest and manifest["task"] != task.name:
-        raise ConfigError(f"{args.plugin} is a {manifest['task']!r} plugin, not {args.task!r}; pass --task "
-                          f"{manifest['task']} (or a plugin trained for {args.task})")
-    data_cfg, origin = data_config(args, manifest)
+    manifest = Manifest.read(args.plugin)
+    if not manifest.unified and manifest.task != task.name:
+        raise ConfigError(f"{args.plugin} is a {manifest.task!r} plugin, not {args.task!r}; pass --task "
+                          f"{manifest.task} (or a plugin trained for {args.task})")
+    cfg, origin = data_config(args, manifest)
     configure_cpu_threads()
-    if "routes" in manifest:  # a unified (merged / jointly trained) plugin: route the task
-        model, tokenizer, manifest = build_joint_model(args.plugin, args.lm)
-        cfg = data_cfg
-        T = model.encoder.num_tokens if task.uses_images and model.encoder is not None else 0
-        layout = SequenceLayout(T, cfg.data.seq_len, cfg.data.max_target_tokens)
-        routing = {"routes": route_map(manifest, task.name, task.contexts),
-                   "generated_context": generated_group(manifest, task)}
-    else:
-        model, tokenizer, layout, task, manifest = load_task_model(args.plugin, lm=args.lm)
-        cfg = config_from_manifest(manifest, args.lm)  # model, adaptor and layout as trained
-        cfg.data = data_cfg.data
-        cfg.data.seq_len, cfg.data.max_target_tokens = layout.seq_len, layout.max_target_tokens
-        routing = {}
+    loaded = load_model(args.plugin, args.lm, manifest=manifest)
+    # a task plugin keeps the layout it was trained with; a unified one lays the task out as its data config says
+    layout = loaded.layout_for(task, cfg.data.seq_len, cfg.data.max_target_tokens)
+    cfg.data.seq_len, cfg.data.max_target_tokens = layout.seq_len, layout.max_target_tokens
     cfg.task = task.name
     cfg.output_dir = str(Path(args.plugin).parent)  # feature caches sit beside the plugin's run
     if args.limit:
         setattr(cfg.data, f"{args.split}_limit", args.limit)
     print(f"evaluating on {cfg.data.describe(args.split)} from {origin}")
     result = {"task": task.name, "plugin": str(args.plugin), "beams": args.beams, "data_from": str(origin),
-              **evaluate_task(cfg, task, model, tokenizer, layout, args.split, args.beams, args.batch_size, **routing)}
+              **evaluate_task(cfg, task, loaded.model, loaded.tokenizer, layout, args.split, args.beams, args.batch_size,
+                              **loaded.routing(task))}
     out = Path(args.out) if args.out else Path(args.plugin).parent / f"eval_{args.split}.json"
     write_json(result, out)
     print(json.dumps({"perplexity": result["perplexity"]["ppl"], **result["metrics"]}, indent=1))

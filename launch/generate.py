@@ -21,8 +21,8 @@ from mtcpeft.config import ConfigError  # noqa: E402
 from mtcpeft.data.dataset import check_images, open_image  # noqa: E402
 from mtcpeft.evaluation.generation import generate_texts  # noqa: E402
 from mtcpeft.models.vision import image_transform  # noqa: E402
-from mtcpeft.plugins.manifest import read_manifest  # noqa: E402
-from mtcpeft.training.build import load_task_model  # noqa: E402
+from mtcpeft.plugins.load import load_model  # noqa: E402
+from mtcpeft.plugins.manifest import Manifest  # noqa: E402
 from tasks import get_task  # noqa: E402
 
 
@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--lm", help="load the base LM from here instead of the plugin's base_lm")
     args = ap.parse_args(argv)
     # the inputs are checked before the (slow) model is built
-    examples = build_examples(get_task(read_manifest(args.plugin)["task"]), args.image, args.question, args.passage)
-    model, tokenizer, layout, task, _ = load_task_model(args.plugin, lm=args.lm)
+    manifest = Manifest.read(args.plugin)
+    examples = build_examples(get_task(manifest.task), args.image, args.question, args.passage)
+    loaded = load_model(args.plugin, args.lm, manifest=manifest)
+    model, tokenizer, layout, task = loaded.model, loaded.tokenizer, loaded.layout, loaded.task
     image_input = None
     if task.uses_images:
         transform = image_transform(model.encoder, train=False, augment=False)

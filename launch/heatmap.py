@@ -23,7 +23,7 @@ from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.data.dataset import open_image  # noqa: E402
 from mtcpeft.evaluation.heatmap import overlay, save_head_panels, span_attention  # noqa: E402
 from mtcpeft.io import atomic_path  # noqa: E402
-from mtcpeft.training.build import load_task_model  # noqa: E402
+from mtcpeft.plugins.load import load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = ap.parse_args(argv)
     if not Path(args.image).is_file():
         ap.error(f"image {args.image} does not exist")
-    model, tokenizer, layout, task, manifest = load_task_model(args.plugin, lm=args.lm)
+    loaded = load_model(args.plugin, args.lm)
     image = open_image(args.image)
-    sa = span_attention(model, tokenizer, layout, task, manifest, image, args.text, args.span, args.layer,
-                        args.question)
+    sa = span_attention(loaded.model, loaded.tokenizer, loaded.layout, loaded.task, loaded.manifest, image, args.text,
+                        args.span, args.layer, args.question)
     heat = sa.map()
     out = Path(args.out)
     if args.head_average:

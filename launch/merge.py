@@ -31,7 +31,7 @@ import yaml  # noqa: E402
 
 from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.io import check_output_dir  # noqa: E402
-from mtcpeft.plugins.manifest import MANIFEST, TENSORS  # noqa: E402
+from mtcpeft.plugins.manifest import MANIFEST, TENSORS, Manifest  # noqa: E402
 from mtcpeft.plugins.merge import STRATEGIES, MergeError, check_not_a_source, merge_to_dir  # noqa: E402
 
 SPEC_KEYS = ("plugins", "routes", "strategy", "density", "projector", "generated", "task", "out")
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> Manifest:
     args = parse_args(argv)
     spec = read_spec(args.spec) if args.spec else {}
     plugins = spec.get("plugins", []) + args.plugin
@@ -95,9 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     check_output_dir(out, (MANIFEST, TENSORS), overwrite=args.overwrite, what="plugin")
     path, manifest = merge_to_dir(out, plugins, routes, **options)
     print(f"unified plugin: {path}")
-    print(f"contexts: {', '.join(manifest['contexts'])}  ({manifest['adaptor']['kind']}"
-          f"{', rank %d' % manifest['adaptor']['rank'] if 'rank' in manifest['adaptor'] else ''})")
-    for task, table in manifest["routes"].items():
+    options = manifest.adaptor.options
+    print(f"contexts: {', '.join(manifest.contexts)}  ({manifest.adaptor.kind}"
+          f"{', rank %d' % options['rank'] if 'rank' in options else ''})")
+    for task, table in manifest.routes.items():
         print(f"route {task}: " + ", ".join(f"{c} -> {g}" for c, g in table.items()))
     return manifest
 

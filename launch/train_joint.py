@@ -29,9 +29,9 @@ from mtcpeft.cli import run_cli  # noqa: E402
 from mtcpeft.config import ConfigError, load_config  # noqa: E402
 from mtcpeft.evaluation.evaluate import evaluate_task  # noqa: E402
 from mtcpeft.io import UnsafeWriteError, prepare_run_dir, write_json  # noqa: E402
-from mtcpeft.training.joint import (build_joint_model, generated_group, joint_datasets, mixed_collate, routed_tasks,  # noqa: E402
-                           save_joint_plugin, task_data_config)
-from mtcpeft.plugins.merge import route_map  # noqa: E402
+from mtcpeft.plugins.load import load_model  # noqa: E402
+from mtcpeft.plugins.merge import task_routes  # noqa: E402
+from mtcpeft.training.joint import joint_datasets, mixed_collate, save_joint_plugin, task_data_config  # noqa: E402
 from mtcpeft.training.trainer import (
     Trainer, configure_cpu_threads, make_accelerator, trainable_digest, zero_stage,
 )  # noqa: E402
@@ -76,11 +76,13 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(cfg.seed)
     configure_cpu_threads()
     # built before the Accelerator: under ZeRO-3 transformers would otherwise load the LM already partitioned
-    model, tokenizer, manifest = build_joint_model(args.plugin, args.lm)
+    loaded = load_model(args.plugin, args.lm)
+    model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
     acc = make_accelerator(cfg.train, cfg.output_dir, find_unused_parameters=True)
-    unrouted = [n for n in names if n not in routed_tasks(manifest)]
+    routed = list(task_routes(manifest))
+    unrouted = [n for n in names if n not in routed]
     if unrouted:
-        raise ConfigError(f"the plugin routes no task {unrouted[0]!r} (it routes {', '.join(routed_tasks(manifest))}); "
+        raise ConfigError(f"the plugin routes no task {unrouted[0]!r} (it routes {', '.join(routed)}); "
                           f"merge with --route {unrouted[0]}.<context>=<group> for each of its contexts")
     with acc.main_process_first():
         data = joint_datasets(cfg, tasks, model, tokenizer, manifest, ROOT / "configs", parse_data(args.data),
@@ -111,8 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             tcfg = task_data_config(task.name, cfg, ROOT / "configs", parse_data(args.data))
             tcfg.data.val_limit = args.eval_limit
             ev = evaluate_task(tcfg, task, unwrapped, tokenizer, data["layouts"][task.name], "val",
-                               routes=route_map(manifest, task.name, task.contexts),
-                               generated_context=generated_group(manifest, task))
+                               **loaded.routing(task))
             results["metrics"][task.name] = {"perplexity": ev["perplexity"]["ppl"], **ev["metrics"]}
             acc.print(f"[{task.name}] {task.metric} {ev['metrics'][task.metric]:.4f} "
                       f"(final model, {ev['predictions']} validation predictions)")

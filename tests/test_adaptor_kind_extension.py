@@ -3,6 +3,7 @@ run config, counts, saves as a plugin, merges and loads, with no change to the i
 or counting code (they reach a kind only through mtcpeft.core.adaptors.ADAPTORS)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -15,8 +16,9 @@ from mtcpeft.config import load_config
 from mtcpeft.core.adaptors import ADAPTORS, AdaptorConfig, ContextLayer, per_token_vectors, register_adaptor
 from mtcpeft.core.model import ContextModel
 from mtcpeft.experiments.params import count_adaptor_params
-from mtcpeft.plugins.manifest import PluginError, load_plugin, save_context_plugin, validate_manifest
-from mtcpeft.plugins.merge import MergeError, load_sources, load_unified, merge_plugins, merge_to_dir, route_map
+from mtcpeft.plugins.load import load_model
+from mtcpeft.plugins.manifest import PluginError, load_plugin, save_context_plugin
+from mtcpeft.plugins.merge import MergeError, load_sources, merge_plugins, merge_to_dir, route_map
 from mtcpeft.training.build import build_context_lm
 
 
@@ -99,17 +101,17 @@ def test_a_kind_defined_in_a_test_saves_merges_and_loads(gate, tmp_path):
     cdir = save_context_plugin(tmp_path / "caption", caption, "caption", "AF", base_lm="tiny")
     qdir = save_context_plugin(tmp_path / "qa", qa, "qa", "AF", base_lm="tiny")
     manifest, tensors = load_plugin(cdir)
-    assert manifest["adaptor"]["kind"] == "gate" and all(t.shape[1:] == (1,) for t in tensors.values())
+    assert manifest.adaptor.kind == "gate" and all(t.shape[1:] == (1,) for t in tensors.values())
     # the generic shape check reads the kind's declared tensors
     name = next(iter(tensors))
-    bad = dict(manifest, tensors={**manifest["tensors"], name: [2]})
+    bad = dataclasses.replace(manifest, tensors={**manifest.tensors, name: [2]})
     with pytest.raises(PluginError, match=r"has shape \[2\]; a gate gate is 2-D \(contexts, width\)"):
-        validate_manifest(bad)
+        bad.validate()
 
     routes = ["vqa.image=caption.image", "vqa.question=qa.question", "vqa.answer=qa.answer"]
     out, merged_manifest = merge_to_dir(tmp_path / "unified", [f"caption={cdir}", f"qa={qdir}"], routes, "keep")
-    assert merged_manifest["adaptor"]["kind"] == "gate" and merged_manifest["merge"]["exact"]
-    merged, _ = load_unified(out, tiny_lm("llama"))
+    assert merged_manifest.adaptor.kind == "gate" and merged_manifest.merge.exact
+    merged = load_model(out, tiny_lm("llama")).model.lm
     assert isinstance(merged.adaptor, GateConfig)
     for task, source in (("caption", caption), ("qa", qa)):
         ids, ctx = _inputs(2, len(task))
@@ -118,7 +120,7 @@ def test_a_kind_defined_in_a_test_saves_merges_and_loads(gate, tmp_path):
 
     # the elementwise defaults combine its groups: average is the mean gate; concat is not defined for it
     avg, avg_tensors = merge_plugins(load_sources([cdir, qdir]), ["vqa.text=caption.text+qa.answer"], "average")
-    assert avg["contexts"][-1] == "vqa.text"
+    assert avg.contexts[-1] == "vqa.text"
     for t in avg_tensors.values():
         torch.testing.assert_close(t[4], (t[1] + t[3]) / 2)
     with pytest.raises(MergeError, match="strategy 'concat' concatenates LoRA ranks; for gate use average or ties"):

@@ -70,6 +70,6 @@ def test_max_steps_mid_epoch_validates_and_leaves_a_plugin(tiny_lm_dir, tmp_path
     assert last["step"] == 4 and last["epoch"] == pytest.approx(4 / 6, abs=1e-3) and math.isfinite(last["val_ppl"])
     assert results["best_val_ppl"] == min(r["val_ppl"] for r in results["history"][1:])
     manifest, tensors = load_plugin(out / "plugin")
-    assert manifest["task"] == "caption" and all(torch.isfinite(t).all() for t in tensors.values())
+    assert manifest.task == "caption" and all(torch.isfinite(t).all() for t in tensors.values())
     assert json.loads((out / "results.json").read_text())["best_epoch"] == results["best_epoch"]
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 4

@@ -155,10 +155,11 @@ def image_path():
 
 @pytest.mark.slow
 def test_span_attention_from_a_trained_plugin(trained_plugin, image_path):
-    from mtcpeft.training.build import load_task_model
+    from mtcpeft.plugins.load import load_model
     from mtcpeft.data.dataset import open_image
 
-    model, tok, layout, task, manifest = load_task_model(trained_plugin)
+    loaded = load_model(trained_plugin)
+    model, tok, layout, task, manifest = loaded.model, loaded.tokenizer, loaded.layout, loaded.task, loaded.manifest
     lm = model.lm.model
     before = lm.config._attn_implementation
     assert before != "eager"  # the forward must switch kernels to get weights, and switch back
@@ -202,7 +203,8 @@ def test_heatmap_script_writes_pngs(trained_plugin, image_path, tmp_path):
 def test_context_agnostic_plugin_routes_every_token_to_the_shared_group(tiny_lm_dir, tmp_path, image_path):
     """An untrained (random, non-zero) context-agnostic plugin: the task's image/text ids are remapped to the one
     shared group, which the model would refuse otherwise."""
-    from mtcpeft.training.build import build_task_model, load_task_model, task_plugin
+    from mtcpeft.plugins.load import load_model
+    from mtcpeft.training.build import build_task_model, task_plugin
     from mtcpeft.config import load_config
     from mtcpeft.data.dataset import open_image
     from tasks import get_task
@@ -214,7 +216,8 @@ def test_context_agnostic_plugin_routes_every_token_to_the_shared_group(tiny_lm_
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     task_plugin(model, cfg, get_task("caption"), tmp_path / "plugin")
-    model, tok, layout, task, manifest = load_task_model(tmp_path / "plugin")
-    assert manifest["contexts"] == ["shared"]
+    loaded = load_model(tmp_path / "plugin")
+    model, tok, layout, task, manifest = loaded.model, loaded.tokenizer, loaded.layout, loaded.task, loaded.manifest
+    assert manifest.contexts == ["shared"]
     sa = span_attention(model, tok, layout, task, manifest, open_image(image_path), "a red circle.", "red", 0)
     assert torch.allclose(sa.attn.sum(-1), torch.ones(sa.attn.shape[:2]), atol=1e-5)

@@ -8,7 +8,8 @@ import torch
 
 from joint_fixture import joint_overrides, unified_plugin
 from mtcpeft.config import load_config
-from mtcpeft.training.joint import build_joint_model, joint_datasets, mixed_collate
+from mtcpeft.plugins.load import load_model
+from mtcpeft.training.joint import joint_datasets, mixed_collate
 from tasks import get_task
 
 
@@ -24,7 +25,8 @@ def launch_module(name: str):
 
 def test_a_mixed_batch_gives_each_row_what_it_gets_alone(tiny_lm_dir, tmp_path):
     plugin = unified_plugin(tiny_lm_dir, tmp_path)
-    model, tok, manifest = build_joint_model(plugin)
+    loaded = load_model(plugin)
+    model, tok, manifest = loaded.model, loaded.tokenizer, loaded.manifest
     model.eval()
     cfg = load_config(None, joint_overrides(tmp_path / "joint"))
     tasks = [get_task(n) for n in ("vqa", "caption", "qa")]
@@ -33,7 +35,7 @@ def test_a_mixed_batch_gives_each_row_what_it_gets_alone(tiny_lm_dir, tmp_path):
     sets = data["train"].datasets
     items = [sets[0][0], sets[1][0], sets[2][0], sets[2][1], sets[0][1]]  # vqa, caption, qa, qa, vqa
     # routed ids: vqa's question tokens use qa's question group, its image tokens caption's image group
-    groups = manifest["contexts"]
+    groups = manifest.contexts
     vqa_ctx = {groups[i] for i in items[0]["context_ids"].tolist() if i >= 0}
     assert vqa_ctx == {"caption.image", "qa.question", "qa.answer"}
     batch = mixed_collate(items)
@@ -62,8 +64,8 @@ def test_short_joint_run_validates_each_task_and_keeps_routes(tiny_lm_dir, tmp_p
     assert saved["routes"] == merged["routes"] and saved["contexts"] == merged["contexts"]
     assert saved["joint"]["tasks"] == ["vqa", "qa"]
     # the jointly trained plugin loads again as a unified model (round trip of the routed groups)
-    model, _, manifest = build_joint_model(out / "plugin")
-    assert manifest["routes"]["vqa"]["question"] == "qa.question"
+    manifest = load_model(out / "plugin").manifest
+    assert manifest.routes["vqa"]["question"] == "qa.question"
 
 
 def test_evaluating_a_task_through_the_unified_plugin_equals_its_own_plugin(tiny_lm_dir, tmp_path):

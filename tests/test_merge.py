@@ -12,9 +12,10 @@ from conftest import VOCAB, tiny_lm
 from mtcpeft import ContextModel, LoRAConfig
 from mtcpeft.cli import run_cli
 from mtcpeft.core.adaptors import GroupMergeError, ties_merge
-from mtcpeft.plugins.merge import (MergeError, apply_plugin, load_sources, load_unified, merge_plugins, merge_to_dir,
+from mtcpeft.plugins.load import load_model
+from mtcpeft.plugins.merge import (MergeError, apply_plugin, load_sources, merge_plugins, merge_to_dir,
                            parse_route, projector_tensors, route_map, route_table)
-from mtcpeft.plugins.manifest import load_plugin, save_context_plugin, save_plugin
+from mtcpeft.plugins.manifest import ProjectorInfo, load_plugin, save_context_plugin, save_plugin
 from reference import randomize_adaptors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,11 @@ def _source(kind, contexts, seed, rank=4, alpha=8.0, targets="AF", family="llama
 
 def _save(tmp_path, model, task, targets="AF", **extra):
     return save_context_plugin(tmp_path / task, model, task, targets, base_lm="tiny", **extra)
+
+
+def _load(plugin_dir, lm):
+    """The ContextModel of a plugin over ``lm``, through the one loader."""
+    return load_model(plugin_dir, lm).model.lm
 
 
 def _pair(tmp_path, kind="lora", qa_rank=4, qa_alpha=8.0, family="llama", caption_targets="AF", qa_targets="AF"):
@@ -63,16 +69,16 @@ def _assert_reproduces(merged, manifest, task, source):
 def test_merged_plugin_reproduces_each_source_task_exactly(kind, tmp_path):
     caption, cdir, qa, qdir = _pair(tmp_path, kind)
     out, manifest = merge_to_dir(tmp_path / "unified", [f"caption={cdir}", f"qa={qdir}"], VQA)
-    assert manifest["contexts"] == ["caption.image", "caption.text", "qa.question", "qa.answer"]
-    assert manifest["routes"] == {
+    assert manifest.contexts == ["caption.image", "caption.text", "qa.question", "qa.answer"]
+    assert manifest.routes == {
         "caption": {"image": "caption.image", "text": "caption.text"},
         "qa": {"question": "qa.question", "answer": "qa.answer"},
         "vqa": {"image": "caption.image", "question": "qa.question", "answer": "qa.answer"},
     }
-    assert manifest["generated"] == {"caption": "caption.text", "qa": "qa.answer"}
-    assert [s["task"] for s in manifest["sources"]] == ["caption", "qa"] and manifest["merge"]["exact"]
+    assert manifest.generated == {"caption": "caption.text", "qa": "qa.answer"}
+    assert [s.task for s in manifest.sources] == ["caption", "qa"] and manifest.merge.exact
     assert route_table(manifest, "vqa") == [0, 2, 3] and route_table(manifest, "qa", ["answer", "question"]) == [3, 2]
-    merged, _ = load_unified(out, tiny_lm("llama"))
+    merged = _load(out, tiny_lm("llama"))
     _assert_reproduces(merged, manifest, "caption", caption)
     _assert_reproduces(merged, manifest, "qa", qa)
     # routing matters: feeding qa's ids unmapped (into caption's groups) gives other logits
@@ -83,9 +89,9 @@ def test_merged_plugin_reproduces_each_source_task_exactly(kind, tmp_path):
 def test_lora_ranks_and_scales_are_padded_and_folded_exactly(tmp_path):
     caption, cdir, qa, qdir = _pair(tmp_path, qa_rank=8, qa_alpha=4.0)  # scales 2 and 0.5
     manifest, tensors = merge_plugins(load_sources([cdir, qdir]), VQA)
-    assert manifest["adaptor"]["rank"] == 8 and manifest["adaptor"]["alpha"] == 8.0  # scale 1: folded into B
+    assert manifest.adaptor.options["rank"] == 8 and manifest.adaptor.options["alpha"] == 8.0  # scale 1: folded into B
     save_plugin(tmp_path / "u", manifest, tensors)
-    merged, _ = load_unified(tmp_path / "u", tiny_lm("llama"))
+    merged = _load(tmp_path / "u", tiny_lm("llama"))
     _assert_reproduces(merged, manifest, "caption", caption)
     _assert_reproduces(merged, manifest, "qa", qa)
     # one shared scale is kept as it is (rank 4 alpha 4 and rank 8 alpha 8: scale 1 -> no folding)
@@ -93,7 +99,7 @@ def test_lora_ranks_and_scales_are_padded_and_folded_exactly(tmp_path):
     c2 = _save(tmp_path / "same", same, "caption")
     q2 = _save(tmp_path / "same", _source("lora", "question,answer", 2, rank=8, alpha=8.0), "qa")
     manifest, tensors = merge_plugins(load_sources([c2, q2]))
-    assert (manifest["adaptor"]["rank"], manifest["adaptor"]["alpha"]) == (8, 8.0)
+    assert (manifest.adaptor.options["rank"], manifest.adaptor.options["alpha"]) == (8, 8.0)
     name = "lm.model.model.layers.1.mlp.up_proj.lora_B"
     assert torch.equal(tensors[name][:2, :4], same.adaptor_state_dict()[name[9:]])  # no rescaling
     assert not tensors[name][:2, 4:].any()  # zero padding
@@ -123,15 +129,15 @@ def test_concat_group_adds_both_updates_exactly(family, qa_rank, tmp_path):
     caption, cdir, qa, qdir = _pair(tmp_path, qa_rank=qa_rank, qa_alpha=4.0, family=family)
     routes = ["vqa.image=caption.image", "vqa.question=qa.question+caption.text", "vqa.answer=qa.answer"]
     manifest, tensors = merge_plugins(load_sources([cdir, qdir]), routes, "concat")
-    assert manifest["contexts"][-1] == "vqa.question" and manifest["routes"]["vqa"]["question"] == "vqa.question"
-    assert manifest["adaptor"]["rank"] == 4 + qa_rank and manifest["merge"]["exact"]
+    assert manifest.contexts[-1] == "vqa.question" and manifest.routes["vqa"]["question"] == "vqa.question"
+    assert manifest.adaptor.options["rank"] == 4 + qa_rank and manifest.merge.exact
     save_plugin(tmp_path / "u", manifest, tensors)
-    merged, _ = load_unified(tmp_path / "u", tiny_lm(family))
+    merged = _load(tmp_path / "u", tiny_lm(family))
     ids, _ = _inputs(1)
     reference = _with_deltas(family, (qa, "question"), (caption, "text"))
     with torch.no_grad():
         want = reference(ids).logits
-    got = _logits(merged, ids, torch.full_like(ids, manifest["contexts"].index("vqa.question")))
+    got = _logits(merged, ids, torch.full_like(ids, manifest.contexts.index("vqa.question")))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, _logits(merged, ids, torch.full_like(ids, 1)), atol=1e-3)  # != caption.text alone
     _assert_reproduces(merged, manifest, "caption", caption)
@@ -154,9 +160,9 @@ def test_approximate_strategies_compute_what_they_document(kind, strategy, tmp_p
     caption, cdir, qa, qdir = _pair(tmp_path, kind)
     manifest, tensors = merge_plugins(load_sources([cdir, qdir]), ["vqa.question=qa.question+caption.text"], strategy,
                                       density=0.5)
-    assert manifest["merge"]["new_groups"] == {"vqa.question": ["qa.question", "caption.text"]}
-    assert manifest["merge"]["exact"] is False
-    new = manifest["contexts"].index("vqa.question")
+    assert manifest.merge.new_groups == {"vqa.question": ["qa.question", "caption.text"]}
+    assert manifest.merge.exact is False
+    new = manifest.contexts.index("vqa.question")
     qa_s, cap_s = qa.adaptor_state_dict(), caption.adaptor_state_dict()
     for name, layer in qa.context_layers():
         if kind == "lora":
@@ -185,9 +191,9 @@ def test_approximate_strategies_compute_what_they_document(kind, strategy, tmp_p
 def test_nested_targets_merge_with_identity_groups(tmp_path):
     caption, cdir, qa, qdir = _pair(tmp_path, caption_targets="A", qa_targets="AF")
     manifest, tensors = merge_plugins(load_sources([cdir, qdir]))
-    assert manifest["placement"] == "AF" and len(manifest["targets"]) == len(qa.target_names)
+    assert manifest.placement == "AF" and len(manifest.targets) == len(qa.target_names)
     save_plugin(tmp_path / "u", manifest, tensors)
-    merged, _ = load_unified(tmp_path / "u", tiny_lm("llama"))
+    merged = _load(tmp_path / "u", tiny_lm("llama"))
     _assert_reproduces(merged, manifest, "caption", caption)
     _assert_reproduces(merged, manifest, "qa", qa)
     _, c2, _, q2 = _pair(tmp_path / "disjoint", caption_targets="A", qa_targets="F")
@@ -198,10 +204,10 @@ def test_nested_targets_merge_with_identity_groups(tmp_path):
 def test_apply_plugin_fills_namespaced_groups_like_the_merger(tmp_path):
     caption, cdir, qa, qdir = _pair(tmp_path, qa_rank=8, qa_alpha=4.0)
     out, manifest = merge_to_dir(tmp_path / "u", [cdir, qdir])
-    unified = ContextModel(tiny_lm("llama"), manifest["contexts"], LoRAConfig(rank=8, alpha=8.0), "AF").eval()
+    unified = ContextModel(tiny_lm("llama"), manifest.contexts, LoRAConfig(rank=8, alpha=8.0), "AF").eval()
     for d in (cdir, qdir):
         apply_plugin(unified, *load_plugin(d))
-    merged, _ = load_unified(out, tiny_lm("llama"))
+    merged = _load(out, tiny_lm("llama"))
     for k, v in merged.adaptor_state_dict().items():
         torch.testing.assert_close(unified.adaptor_state_dict()[k], v, atol=0, rtol=0)
 
@@ -213,17 +219,16 @@ def test_a_merged_plugin_merges_again_keeping_its_routes(tmp_path):
     edir = _save(tmp_path, extra, "summary")
     out, manifest = merge_to_dir(tmp_path / "u2", [f"base={tmp_path / 'u'}", edir],
                                  ["chat.passage=summary.passage"])
-    assert manifest["contexts"] == ["caption.image", "caption.text", "qa.question", "qa.answer", "summary.passage"]
-    assert set(manifest["routes"]) == {"caption", "qa", "vqa", "summary", "chat"}
-    merged, _ = load_unified(out, tiny_lm("llama"))
+    assert manifest.contexts == ["caption.image", "caption.text", "qa.question", "qa.answer", "summary.passage"]
+    assert set(manifest.routes) == {"caption", "qa", "vqa", "summary", "chat"}
+    merged = _load(out, tiny_lm("llama"))
     _assert_reproduces(merged, manifest, "qa", qa)
     _assert_reproduces(merged, manifest, "summary", extra)
 
 
 def _with_projector(tmp_path, name, model, weight):
     manifest, tensors = load_plugin(_save(tmp_path, model, name))
-    manifest.pop("tensors")
-    manifest["projector"] = {"kind": "linear", "in_dim": 3, "out_dim": 32}
+    manifest.projector = ProjectorInfo(kind="linear", in_dim=3, out_dim=32)
     return save_plugin(tmp_path / name, manifest, {**tensors, "projector.proj.weight": weight})
 
 
@@ -259,8 +264,8 @@ def test_refusals_name_the_conflict(tmp_path):
         merge_plugins(load_sources([p1, p2]))
     manifest, tensors = merge_plugins(load_sources([p1, p2]), projector="img2")
     assert torch.equal(projector_tensors(tensors)["proj.weight"], torch.zeros(32, 3))
-    assert manifest["merge"]["projector_from"] == "img2" and manifest["projector"]["in_dim"] == 3
-    assert merge_plugins(load_sources([p1, p3]))[0]["merge"]["projector_from"] == "img1"
+    assert manifest.merge.projector_from == "img2" and manifest.projector.in_dim == 3
+    assert merge_plugins(load_sources([p1, p3]))[0].merge.projector_from == "img1"
     with pytest.raises(MergeError, match="--projector 'caption': that plugin has no projector"):
         merge_plugins(load_sources([p1, cdir]), projector="caption")
 
@@ -312,7 +317,7 @@ def test_cli_and_yaml_spec_end_to_end(tmp_path, capsys):
             "--strategy", "concat", "--generated", "vqa.answer", "--out", str(tmp_path / "cli")]
     manifest = cli.main(argv)
     assert "route vqa: image -> caption.image, question -> vqa.question, answer -> qa.answer" in capsys.readouterr().out
-    assert manifest["generated"]["vqa"] == "qa.answer"
+    assert manifest.generated["vqa"] == "qa.answer"
     spec = tmp_path / "merge.yaml"
     spec.write_text(yaml.safe_dump({
         "plugins": {"caption": str(cdir), "qa": str(qdir)},
@@ -322,9 +327,9 @@ def test_cli_and_yaml_spec_end_to_end(tmp_path, capsys):
     cli.main(["--spec", str(spec)])
     a, ta = load_plugin(tmp_path / "cli")
     b, tb = load_plugin(tmp_path / "yaml")
-    assert json.dumps(a["routes"]) == json.dumps(b["routes"]) and a["contexts"] == b["contexts"]
+    assert json.dumps(a.routes) == json.dumps(b.routes) and a.contexts == b.contexts
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
-    merged, _ = load_unified(tmp_path / "yaml", tiny_lm("llama"))
+    merged = _load(tmp_path / "yaml", tiny_lm("llama"))
     _assert_reproduces(merged, a, "qa", qa)
     # user errors end in one line and exit status 2
     bad = tmp_path / "bad.yaml"

@@ -149,7 +149,7 @@ def test_train_task_output_dir_that_cannot_be_written_is_one_line_before_buildin
 def test_train_joint_into_a_finished_run_refuses_before_building(tmp_path, capsys, monkeypatch):
     out = finished_run(tmp_path / "run")
     before = snapshot(out)
-    module = _no_build(monkeypatch, load_script("train_joint.py"), "build_joint_model")
+    module = _no_build(monkeypatch, load_script("train_joint.py"), "load_model")
     line = one_error(*run_script("train_joint.py", ["--plugin", tmp_path / "unified", "--tasks", "vqa",
                                                     f"output_dir={out}"], capsys, module)[::2])
     assert "holds a previous run" in line and snapshot(out) == before

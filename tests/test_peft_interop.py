@@ -13,7 +13,8 @@ from conftest import VOCAB, tiny_lm
 from mtcpeft import ContextModel, LoRAConfig
 from mtcpeft.cli import run_cli
 from mtcpeft.plugins.manifest import load_plugin, save_context_plugin
-from mtcpeft.plugins.merge import apply_plugin, load_unified
+from mtcpeft.plugins.load import load_model
+from mtcpeft.plugins.merge import apply_plugin
 from mtcpeft.plugins.peft import InteropError, export_peft, import_peft, peft_plugin
 from reference import randomize_adaptors
 
@@ -98,11 +99,11 @@ def _random_peft(family, tmp_path, **config):
 ])
 def test_imported_peft_adapter_gives_peft_outputs(family, config, tmp_path):
     base, peft_model = _random_peft(family, tmp_path, **config)
-    fragment, tensors = import_peft(tmp_path / "peft", "answer", lm=base)
-    a = fragment["adaptor"]
-    ours = ContextModel(copy.deepcopy(base), fragment["contexts"], LoRAConfig(rank=a["rank"], alpha=a["alpha"]),
-                        fragment["targets"]).eval()
-    assert ours.target_names == fragment["targets"]  # model order
+    imported, tensors = import_peft(tmp_path / "peft", "answer", lm=base)
+    a = imported.adaptor.options
+    ours = ContextModel(copy.deepcopy(base), imported.contexts, LoRAConfig(rank=a["rank"], alpha=a["alpha"]),
+                        imported.targets).eval()
+    assert ours.target_names == imported.targets  # model order
     ours.load_adaptor_state_dict({k.removeprefix("lm.model."): v for k, v in tensors.items()})
     ids = _ids(2)
     torch.testing.assert_close(_logits(ours, ids), _logits(peft_model, ids), atol=1e-5, rtol=1e-5)
@@ -114,13 +115,13 @@ def test_imported_adapter_becomes_one_group_of_a_plugin(tmp_path):
     base, peft_model = _random_peft("llama", tmp_path, r=4, lora_alpha=8)
     peft_plugin(tmp_path / "peft", tmp_path / "plugin", base, task="qa", context="answer")
     manifest, tensors = load_plugin(tmp_path / "plugin")
-    assert manifest["contexts"] == ["answer"] and manifest["adaptor"]["rank"] == 4
-    model, _ = load_unified(tmp_path / "plugin", copy.deepcopy(base))
+    assert manifest.contexts == ["answer"] and manifest.adaptor.options["rank"] == 4
+    model = load_model(tmp_path / "plugin", copy.deepcopy(base)).model.lm
     ids = _ids(3)
     torch.testing.assert_close(_logits(model, ids), _logits(peft_model, ids), atol=1e-5, rtol=1e-5)
 
     two = ContextModel(copy.deepcopy(base), "qa.question,qa.answer", LoRAConfig(rank=8, alpha=8.0),
-                       manifest["targets"]).eval()
+                       manifest.targets).eval()
     randomize_adaptors(two, seed=9)
     before = _logits(two, ids, context_ids=torch.zeros_like(ids))
     apply_plugin(two, manifest, tensors)  # "answer" of task "qa" -> "qa.answer"; rank 4 padded into rank 8

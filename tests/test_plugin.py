@@ -1,5 +1,6 @@
 """Plugin directories: round trip, and every malformed plugin refused with a PluginError naming the problem."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -8,8 +9,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import VOCAB, tiny_lm
 from mtcpeft import ContextModel, LoRAConfig
-from mtcpeft.plugins.manifest import (MANIFEST, TENSORS, PluginError, check_compatible, lm_fingerprint, load_plugin,
-                            read_manifest, save_context_plugin, save_plugin, validate_manifest)
+from mtcpeft.plugins.load import load_model
+from mtcpeft.plugins.manifest import (MANIFEST, TENSORS, AdaptorInfo, Manifest, PluginError, check_compatible,
+                                      lm_fingerprint, load_plugin, save_context_plugin, save_plugin)
 from reference import randomize_adaptors
 
 
@@ -41,18 +43,16 @@ def _rewrite(d, edit_manifest=None, edit_tensors=None):
 
 @pytest.mark.parametrize("kind", ["lora", "bitfit", "ia3"])
 def test_round_trip_rebuilds_the_same_outputs(kind, tmp_path):
-    from mtcpeft.plugins.merge import load_unified
-
     model = _model(kind)
     save_context_plugin(tmp_path / "p", model, "caption", "AF", base_lm="tiny-llama")
     manifest, tensors = load_plugin(tmp_path / "p")
-    assert manifest["contexts"] == ["image", "text"] and manifest["adaptor"]["kind"] == kind
-    assert manifest["base_lm_fingerprint"] == lm_fingerprint(tiny_lm("llama"))
+    assert manifest.contexts == ["image", "text"] and manifest.adaptor.kind == kind
+    assert manifest.base_lm_fingerprint == lm_fingerprint(tiny_lm("llama"))
     own = model.adaptor_state_dict()
     assert set(tensors) == {"lm.model." + k for k in own}
     for k, v in own.items():
         assert torch.equal(tensors["lm.model." + k], v)
-    rebuilt, _ = load_unified(tmp_path / "p", tiny_lm("llama"))
+    rebuilt = load_model(tmp_path / "p", tiny_lm("llama")).model.lm
     ids = torch.randint(0, VOCAB, (2, 8))
     ctx = torch.randint(-1, 2, (2, 8))
     with torch.no_grad():
@@ -131,11 +131,39 @@ def test_malformed_plugins_are_refused_by_name(plugin, edit_manifest, edit_tenso
         load_plugin(d)
 
 
+@pytest.mark.parametrize("edit_manifest, message", [
+    (lambda m: m.update(task=3), "field 'task' must be a string, got 3"),
+    (lambda m: m.update(contexts="image,text"), "field 'contexts' must be a list, got 'image,text'"),
+    (lambda m: m.update(targets=["model.layers.0.self_attn.q_proj", 7]), r"field 'targets\[1\]' must be a string"),
+    (lambda m: m["adaptor"].update(full_finetune="no"), "field 'adaptor.full_finetune' must be true or false"),
+    (lambda m: m["tensors"].update({A0: [2, "4", 32]}), rf"field 'tensors.{A0}\[1\]' must be an integer, got '4'"),
+    (lambda m: m.update(layout={"seq_len": "128", "max_target_tokens": 63}),
+     "field 'layout.seq_len' must be an integer, got '128'"),
+    (lambda m: m.update(vision={"name": "test_efficientnet"}),
+     r"field 'vision' lacks required keys \['pretrained', 'image_size'\]"),
+    (lambda m: m.update(routes=["vqa"]), r"field 'routes' must be an object, got \['vqa'\]"),
+    (lambda m: m.pop("targets"), r"the manifest lacks required keys \['targets'\]"),
+    (lambda m: m.pop("adaptor"), r"the manifest lacks required keys \['adaptor'\]"),
+])
+def test_a_manifest_field_of_the_wrong_type_or_missing_is_refused_at_read_by_name(plugin, edit_manifest, message):
+    d, _ = plugin
+    _rewrite(d, edit_manifest)
+    with pytest.raises(PluginError, match=message):
+        Manifest.read(d)
+
+
+def test_the_manifest_round_trips_through_its_json(plugin):
+    d, _ = plugin
+    raw = json.loads((d / MANIFEST).read_text())
+    manifest = Manifest.read(d)
+    assert manifest.to_json() == raw and Manifest.from_json(raw) == manifest
+
+
 def test_corrupt_json_and_missing_files(plugin, tmp_path):
     d, _ = plugin
     (d / MANIFEST).write_text('{"task": "caption",')
     with pytest.raises(PluginError, match=r"plugin.json is not valid JSON"):
-        read_manifest(d)
+        Manifest.read(d)
     with pytest.raises(PluginError, match="is not a plugin directory: it needs plugin.json and adaptor.safetensors"):
         load_plugin(tmp_path / "nowhere")
     d2 = save_context_plugin(tmp_path / "q", _model(), "caption", "AF")
@@ -146,8 +174,8 @@ def test_corrupt_json_and_missing_files(plugin, tmp_path):
 
 def test_save_refuses_a_manifest_it_could_not_load(tmp_path):
     with pytest.raises(PluginError, match=r"leading dim 3 but the manifest lists 2 contexts"):
-        manifest = {"task": "t", "contexts": ["a", "b"], "adaptor": {"kind": "bitfit"}, "placement": "q_proj",
-                    "targets": ["q"], "base_lm": "", "base_lm_fingerprint": ""}
+        manifest = Manifest(task="t", contexts=["a", "b"], adaptor=AdaptorInfo("bitfit"), placement="q_proj",
+                            targets=["q"], base_lm="", base_lm_fingerprint="")
         save_plugin(tmp_path / "bad", manifest, {"lm.model.q.bitfit_bias": torch.zeros(3, 4)})
     assert not (tmp_path / "bad").exists()
 
@@ -160,7 +188,7 @@ def test_check_compatible_names_the_mismatch(plugin):
     with pytest.raises(PluginError, match=r"trained on another base LM \('tiny-llama', fingerprint \w+\) than this "):
         check_compatible(manifest, base_lm_fingerprint=lm_fingerprint(other))
     with pytest.raises(PluginError, match="unknown plugin format version 2"):
-        check_compatible({**manifest, "format_version": 2})
+        check_compatible(dataclasses.replace(manifest, format_version=2))
     wider = ContextModel(copy.deepcopy(other), "image,text", LoRAConfig(rank=8), "AF")
     with pytest.raises(PluginError, match=rf"tensor '{A0}' has shape \[2, 4, 32\] but the model needs \[2, 8, 32\]"):
         check_compatible(manifest, model=wider, tensors=tensors)
@@ -173,4 +201,4 @@ def test_check_compatible_names_the_mismatch(plugin):
         check_compatible(manifest, model=ContextModel(tiny_lm("llama"), "image,text", "bitfit", "AF"))
     with pytest.raises(PluginError, match=r"contexts \['image', 'text'\] differ from the model's \['question'\]"):
         check_compatible(manifest, model=ContextModel(tiny_lm("llama"), "question", LoRAConfig(rank=4), "AF"))
-    validate_manifest(manifest)  # a sound manifest passes
+    manifest.validate()  # a sound manifest passes

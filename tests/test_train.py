@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mtcpeft.config import RunConfig, load_config
-from mtcpeft.training.build import build_task_model, build_datasets, task_plugin, load_task_model
+from mtcpeft.plugins.load import load_model
+from mtcpeft.training.build import build_task_model, build_datasets, task_plugin
 from mtcpeft.training.trainer import Trainer
 from conftest import tiny_overrides
 from tasks import get_task
@@ -52,8 +53,9 @@ def test_few_steps_lower_validation_perplexity_and_leave_a_plugin(tiny_lm_dir, t
     assert set(weights) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
 
     # the plugin rebuilds the same model: same validation perplexity
-    model, tok, layout, task, manifest = load_task_model(tmp_path / "run" / "plugin")
-    assert manifest["contexts"] == ["image", "text"] and manifest["adaptor"]["kind"] == "lora"
+    loaded = load_model(tmp_path / "run" / "plugin")
+    model, manifest = loaded.model, loaded.manifest
+    assert manifest.contexts == ["image", "text"] and manifest.adaptor.kind == "lora"
     ref = trainer.acc.unwrap_model(trainer.model).eval()
     batch = next(iter(torch.utils.data.DataLoader(trainer.val_dls[""].dataset, batch_size=4)))
     with torch.no_grad():
@@ -97,8 +99,6 @@ def test_context_agnostic_and_full_finetune_variants(tiny_lm_dir, tmp_path):
 def test_full_finetune_plugin_rebuilds_in_full_mode(tiny_lm_dir, tmp_path):
     """A fully fine-tuned LM saves as a plugin whose manifest says so; loading it rebuilds a train.mode=full model
     holding the saved weights (the mode, not an adaptor kind, travels through the manifest)."""
-    from mtcpeft.training.build import config_from_manifest
-
     task = get_task("caption")
     cfg = tiny_run_config(tiny_lm_dir, tmp_path / "f", "train.mode=full", "adaptor.kind=none")
     model = build_task_model(cfg, task)[0]
@@ -106,11 +106,9 @@ def test_full_finetune_plugin_rebuilds_in_full_mode(tiny_lm_dir, tmp_path):
     with torch.no_grad():
         lm_weight.add_(0.5)
     task_plugin(model, cfg, task, tmp_path / "plugin")
-    loaded, _, _, _, manifest = load_task_model(tmp_path / "plugin")
-    assert manifest["adaptor"]["kind"] == "none" and manifest["adaptor"]["full_finetune"] is True
-    rebuilt = config_from_manifest(manifest)
-    assert (rebuilt.train.mode, rebuilt.adaptor.kind) == ("full", "none")
-    own = dict(loaded.named_parameters())
+    loaded = load_model(tmp_path / "plugin")
+    assert loaded.manifest.adaptor.kind == "none" and loaded.manifest.adaptor.full_finetune is True
+    own = dict(loaded.model.named_parameters())
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(own[n], p.detach())

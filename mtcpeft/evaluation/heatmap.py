@@ -135,15 +135,16 @@ class SpanAttention:
 
 
 @torch.no_grad()
-def span_attention(model, tokenizer, layout, task, manifest: dict, image: Image.Image, text: str, span: str,
+def span_attention(model, tokenizer, layout, task, manifest, image: Image.Image, text: str, span: str,
                    layer: int, question: str | None = None) -> SpanAttention:
     """Teacher-force ``text`` after the plugin's prompt for ``image`` (and ``question``, VQA) and return
     ``layer``'s attention.
 
-    ``model``, ``tokenizer``, ``layout``, ``task``, ``manifest``: as :func:`mtcpeft.training.build.load_task_model` returns.
+    ``model``, ``tokenizer``, ``layout``, ``task``, ``manifest``: as :func:`mtcpeft.plugins.load.load_model` returns
+    them (``Loaded.model``, ...).
     """
-    from mtcpeft.training.build import config_from_manifest, context_map
     from mtcpeft.models.vision import image_transform
+    from mtcpeft.plugins.merge import route_map
 
     if not task.uses_images or model.encoder is None:
         raise HeatmapError(f"the {task.name} plugin takes no image: heatmaps need an image task (caption)")
@@ -152,9 +153,7 @@ def span_attention(model, tokenizer, layout, task, manifest: dict, image: Image.
     gen = task.vocab.id(task.generated_context)
     ids = prompt["input_ids"] + text_ids
     ctx = torch.tensor([prompt["context_ids"] + [gen] * len(text_ids)])
-    routes = context_map(config_from_manifest(manifest), task)  # context-agnostic plugins: one shared group
-    if routes is not None:
-        ctx = routes[ctx + 1]
+    ctx = route_map(manifest, task.name, task.contexts)[ctx + 1]  # context-agnostic plugins: one shared group
     image_mask = prompt["image_mask"] + [False] * len(text_ids)
     pixels = image_transform(model.encoder, train=False, augment=False)(image).unsqueeze(0)
     lm = model.lm.model

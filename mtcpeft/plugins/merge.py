@@ -26,8 +26,8 @@ mix tasks with no adapter switching (each token picks its group).
 The manifest adds ``routes`` {task: {task context: group}} (each source task routes to its own groups),
 ``generated`` {task: group of generated tokens}, ``merge`` {strategy, density, new_groups, exact} and
 ``sources`` [{task, source_task, dir, fingerprint, contexts, adaptor, layout}]. :func:`route_table` gives the
-per-token context id remapping of a task; :func:`load_unified` / :func:`apply_plugin` load plugins into a
-ContextModel.
+per-token context id remapping of a task; :func:`apply_plugin` copies a plugin's groups into a ContextModel by
+context name (:func:`mtcpeft.plugins.load.load_model` loads any plugin as a model).
 """
 from __future__ import annotations
 
@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
 
-from mtcpeft.core.adaptors import ADAPTORS, AdaptorConfig, GroupMergeError, adaptor_config
+from mtcpeft.core.adaptors import ADAPTORS, AdaptorConfig, GroupMergeError
 from mtcpeft.core.model import ContextModel
-from .manifest import (PluginError, adaptor_options, adaptor_param_names, adaptor_prefix, check_compatible,
-                     lm_fingerprint, load_plugin, save_plugin)
+from .manifest import (AdaptorInfo, Manifest, MergeInfo, PluginError, SourceInfo, adaptor_param_names, load_plugin,
+                       save_plugin)
 
 STRATEGIES = ("keep", "average", "ties", "concat")
 PROJECTOR_PREFIX = "projector."
@@ -89,28 +88,28 @@ class Source:
     """One plugin to merge; ``name`` namespaces its contexts (default: its task)."""
 
     name: str
-    manifest: dict
+    manifest: Manifest
     tensors: dict[str, torch.Tensor]
     path: str = ""
 
     @property
     def merged(self) -> bool:  # an earlier merge: its contexts are namespaced already
-        return "routes" in self.manifest
+        return self.manifest.unified
 
     def group(self, context: str) -> str:
         return context if self.merged else f"{self.name}.{context}"
 
     @property
     def groups(self) -> list[str]:
-        return [self.group(c) for c in self.manifest["contexts"]]
+        return [self.group(c) for c in self.manifest.contexts]
 
     @property
     def kind(self) -> str:
-        return self.manifest["adaptor"]["kind"]
+        return self.manifest.adaptor.kind
 
     @property
     def config(self) -> AdaptorConfig:
-        return adaptor_config(self.kind, **adaptor_options(self.manifest))
+        return self.manifest.adaptor.config()
 
 
 def parse_plugin_arg(text: str) -> tuple[str | None, str]:
@@ -128,22 +127,22 @@ def load_sources(plugins: Sequence[str | os.PathLike | tuple[str | None, str | o
         else:
             name, path = parse_plugin_arg(str(item))
         manifest, tensors = load_plugin(path)
-        out.append(Source(name or manifest["task"], manifest, tensors, str(path)))
+        out.append(Source(name or manifest.task, manifest, tensors, str(path)))
     return out
 
 
-def task_routes(manifest: dict) -> dict[str, dict[str, str]]:
+def task_routes(manifest: Manifest) -> dict[str, dict[str, str]]:
     """{task: {task context: group}}: a merged plugin's routes, or an ordinary plugin's own task (a
     context-agnostic plugin routes every task context to its one group)."""
-    if "routes" in manifest:
-        return manifest["routes"]
-    contexts = manifest["contexts"]
+    if manifest.routes is not None:
+        return manifest.routes
+    contexts = manifest.contexts
     table = {}
-    for c in manifest.get("task_contexts") or contexts:
+    for c in manifest.task_contexts or contexts:
         if c not in contexts and len(contexts) != 1:
-            raise MergeError(f"task context {c!r} of {manifest['task']!r} has no group among {contexts}")
+            raise MergeError(f"task context {c!r} of {manifest.task!r} has no group among {contexts}")
         table[c] = c if c in contexts else contexts[0]
-    return {manifest["task"]: table}
+    return {manifest.task: table}
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -166,12 +165,12 @@ def _check_sources(sources: list[Source], strategy: str, density: float) -> list
     first = sources[0]
     for s in sources:
         where = f"plugin {s.name!r} ({s.path or 'in memory'})"
-        if s.manifest["base_lm_fingerprint"] != first.manifest["base_lm_fingerprint"]:
+        if s.manifest.base_lm_fingerprint != first.manifest.base_lm_fingerprint:
             raise MergeError(
                 f"{where} was trained on another base LM than {first.name!r}: fingerprints "
-                f"{s.manifest['base_lm_fingerprint']} ({s.manifest['base_lm']!r}) vs "
-                f"{first.manifest['base_lm_fingerprint']} ({first.manifest['base_lm']!r}); merge plugins of one base")
-        if s.manifest["adaptor"].get("full_finetune"):
+                f"{s.manifest.base_lm_fingerprint} ({s.manifest.base_lm!r}) vs "
+                f"{first.manifest.base_lm_fingerprint} ({first.manifest.base_lm!r}); merge plugins of one base")
+        if s.manifest.adaptor.full_finetune:
             raise MergeError(f"{where} fine-tunes the whole LM: only adaptor plugins ({', '.join(_mergeable())}) "
                              "merge")
         if s.kind not in _mergeable():
@@ -187,10 +186,10 @@ def _check_sources(sources: list[Source], strategy: str, density: float) -> list
         raise MergeError(problem)
     if strategy == "ties" and not 0.0 < density <= 1.0:
         raise MergeError(f"TIES density must be in (0, 1], got {density}")
-    widest = max(sources, key=lambda s: len(s.manifest["targets"]))
-    targets = widest.manifest["targets"]
+    widest = max(sources, key=lambda s: len(s.manifest.targets))
+    targets = widest.manifest.targets
     for s in sources:
-        extra = [t for t in s.manifest["targets"] if t not in targets]
+        extra = [t for t in s.manifest.targets if t not in targets]
         if extra:
             raise MergeError(f"plugins {widest.name!r} and {s.name!r} adapt different layers (e.g. {extra[0]!r} only "
                              f"in {s.name!r}); merging needs one's targets within the other's: train with the same "
@@ -234,9 +233,9 @@ def _plan(sources: list[Source], routes: Sequence[Route], strategy: str, generat
                 raise MergeError(f"task {name!r} is routed by two plugins; name them apart with --plugin NAME=DIR")
             table[name] = {c: s.group(g) for c, g in ctxs.items()}
         if s.merged:
-            gen.update(s.manifest.get("generated", {}))
-        elif s.manifest.get("generated_context") is not None:
-            gen[s.name] = s.group(s.manifest["generated_context"])
+            gen.update(s.manifest.generated or {})
+        elif s.manifest.generated_context is not None:
+            gen[s.name] = s.group(s.manifest.generated_context)
     sourced = set(table)
     groups, new = list(owner), {}
     for r in routes:
@@ -278,30 +277,30 @@ def _as_merge_error():
         raise MergeError(str(e)) from None
 
 
-def _merge_adaptors(sources, plan, targets, strategy, density) -> tuple[dict, dict]:
+def _merge_adaptors(sources, plan, targets, strategy, density) -> tuple[AdaptorInfo, dict]:
     """(manifest "adaptor" entry, stacked tensors) of the unified plugin: per target, every planned group under the
     merged config — a source's own group conformed to it, an identity group where the source lacks the target, a
     new group combined from its members — stacked in plan order."""
     kind = ADAPTORS.get(sources[0].kind)
     params = kind.param_names()
-    prefix = adaptor_prefix(sources[0].manifest)
+    prefix = sources[0].manifest.prefix
     configs = {s.name: s.config for s in sources}
     merged = kind.merged([configs[s.name] for s in sources],
                          [[configs[plan.owner[g][0].name] for g in members] for members in plan.new.values()], strategy)
     out = {}
     for t in targets:
-        holders = [s for s in sources if t in s.manifest["targets"]]
-        shapes = [holders[0].tensors[f"{adaptor_prefix(holders[0].manifest)}{t}.{p}"].shape for p in params]
-        dtype = holders[0].tensors[f"{adaptor_prefix(holders[0].manifest)}{t}.{params[0]}"].dtype
+        holders = [s for s in sources if t in s.manifest.targets]
+        shapes = [holders[0].tensors[f"{holders[0].manifest.prefix}{t}.{p}"].shape for p in params]
+        dtype = holders[0].tensors[f"{holders[0].manifest.prefix}{t}.{params[0]}"].dtype
         for s in holders:
-            own = [s.tensors[f"{adaptor_prefix(s.manifest)}{t}.{p}"].shape for p in params]
+            own = [s.tensors[f"{s.manifest.prefix}{t}.{p}"].shape for p in params]
             if [o[-1] for o in own] != [x[-1] for x in shapes]:  # d_in / d_out / scaled width
                 raise MergeError(f"target {t!r} has tensors {[list(o) for o in own]} in {s.name!r} but "
                                  f"{[list(x) for x in shapes]} in {holders[0].name!r}: different widths or placements")
         saved = {}  # group -> (its tensors, the config they were saved under)
         for g, (s, i) in plan.owner.items():
-            if t in s.manifest["targets"]:
-                saved[g] = ([s.tensors[f"{adaptor_prefix(s.manifest)}{t}.{p}"][i] for p in params], configs[s.name])
+            if t in s.manifest.targets:
+                saved[g] = ([s.tensors[f"{s.manifest.prefix}{t}.{p}"][i] for p in params], configs[s.name])
             else:  # a target this source lacks: a group that changes nothing
                 saved[g] = (merged.identity_group([x[1:] for x in shapes], f"{t}/{g}"), merged)
         with _as_merge_error():
@@ -310,7 +309,7 @@ def _merge_adaptors(sources, plan, targets, strategy, density) -> tuple[dict, di
                 groups[g] = merged.combine([saved[m] for m in members], strategy, density)
         for j, p in enumerate(params):
             out[f"{prefix}{t}.{p}"] = torch.stack([groups[g][j].to(dtype) for g in plan.groups]).contiguous()
-    return {**merged.to_dict(), "full_finetune": False}, out
+    return AdaptorInfo.of(merged), out
 
 
 def _projector(sources: list[Source], pick: str | None) -> Source | None:
@@ -339,13 +338,13 @@ def _projector(sources: list[Source], pick: str | None) -> Source | None:
 # ------------------------------------------------------------------------------------------------ merge
 def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (), strategy: str = "keep", *,
                   projector: str | None = None, task: str = "unified", density: float = 0.2,
-                  generated: Sequence[str] = ()) -> tuple[dict, dict[str, torch.Tensor]]:
+                  generated: Sequence[str] = ()) -> tuple[Manifest, dict[str, torch.Tensor]]:
     """(manifest, tensors) of the unified plugin; see the module docstring for what each option does."""
     sources = list(sources)
     routes = [parse_route(r) if isinstance(r, str) else r for r in routes]
     targets = _check_sources(sources, strategy, density)
     for s in sources:
-        stray = [k for k in s.tensors if not k.startswith((PROJECTOR_PREFIX, adaptor_prefix(s.manifest)))]
+        stray = [k for k in s.tensors if not k.startswith((PROJECTOR_PREFIX, s.manifest.prefix))]
         if stray:
             raise MergeError(f"plugin {s.name!r} holds {stray[0]!r}, neither an adaptor nor a projector tensor")
     plan = _plan(sources, routes, strategy, generated)
@@ -353,30 +352,29 @@ def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (),
     proj = _projector(sources, projector)
     if proj is not None:
         tensors.update({k: v for k, v in proj.tensors.items() if k.startswith(PROJECTOR_PREFIX)})
-    widest = max(sources, key=lambda s: len(s.manifest["targets"]))
+    widest = max(sources, key=lambda s: len(s.manifest.targets))
     first = sources[0].manifest
-    manifest = {
-        "task": task,
-        "contexts": plan.groups,
-        "generated_context": None,
-        "adaptor": adaptor,
-        "placement": widest.manifest["placement"],
-        "targets": targets,
-        "base_lm": first["base_lm"],
-        "base_lm_fingerprint": first["base_lm_fingerprint"],
-        "vision": proj.manifest.get("vision") if proj else None,
-        "projector": proj.manifest.get("projector") if proj else None,
-        "routes": plan.routes,
-        "generated": plan.generated,
-        "merge": {"strategy": strategy, "density": density if strategy == "ties" else None,
-                  "new_groups": {g: list(m) for g, m in plan.new.items()},
-                  "exact": not plan.new or strategy == "concat", "projector_from": proj.name if proj else None},
-        "sources": [{"task": s.name, "source_task": s.manifest["task"], "dir": s.path,
-                     "fingerprint": s.manifest["base_lm_fingerprint"], "contexts": s.manifest["contexts"],
-                     "adaptor": s.manifest["adaptor"], "layout": s.manifest.get("layout")} for s in sources],
-    }
-    if adaptor_prefix(first) != adaptor_prefix({}):
-        manifest["adaptor_prefix"] = adaptor_prefix(first)
+    manifest = Manifest(
+        task=task,
+        contexts=plan.groups,
+        generated_context=None,
+        adaptor=adaptor,
+        placement=widest.manifest.placement,
+        targets=targets,
+        base_lm=first.base_lm,
+        base_lm_fingerprint=first.base_lm_fingerprint,
+        vision=proj.manifest.vision if proj else None,
+        projector=proj.manifest.projector if proj else None,
+        adaptor_prefix=first.adaptor_prefix,
+        routes=plan.routes,
+        generated=plan.generated,
+        merge=MergeInfo(strategy=strategy, density=density if strategy == "ties" else None,
+                        new_groups={g: list(m) for g, m in plan.new.items()},
+                        exact=not plan.new or strategy == "concat", projector_from=proj.name if proj else None),
+        sources=[SourceInfo(task=s.name, source_task=s.manifest.task, dir=s.path,
+                            fingerprint=s.manifest.base_lm_fingerprint, contexts=s.manifest.contexts,
+                            adaptor=s.manifest.adaptor, layout=s.manifest.layout) for s in sources],
+    )
     return manifest, tensors
 
 
@@ -390,7 +388,7 @@ def check_not_a_source(out_dir: str | os.PathLike, plugins: Sequence) -> None:
 
 
 def merge_to_dir(out_dir: str | os.PathLike, plugins: Sequence, routes: Sequence[Route | str] = (),
-                 strategy: str = "keep", **options) -> tuple[Path, dict]:
+                 strategy: str = "keep", **options) -> tuple[Path, Manifest]:
     """Load ``plugins`` (see :func:`load_sources`), merge them and save the unified plugin atomically; never
     over one of the sources (its manifest would list itself as its own source)."""
     check_not_a_source(out_dir, plugins)
@@ -399,28 +397,38 @@ def merge_to_dir(out_dir: str | os.PathLike, plugins: Sequence, routes: Sequence
 
 
 # ------------------------------------------------------------------------------------------------ using
-def route_table(manifest: dict, task: str, contexts: Sequence[str] | None = None) -> list[int]:
+def route_table(manifest: Manifest, task: str, contexts: Sequence[str] | None = None) -> list[int]:
     """The plugin group id of each of ``task``'s contexts (``contexts``: the task's own order; default the order
     of the routing table). Remap a dataset's per-token ids with ``torch.tensor(table)[ids]`` (keep -1 as -1),
     or use :func:`route_map`."""
-    routes = task_routes(manifest)
-    if task not in routes:
-        raise MergeError(f"the plugin routes no task {task!r}; routed tasks: {', '.join(routes)}")
-    table = routes[task]
+    table = task_route(manifest, task)
     order = list(table) if contexts is None else list(contexts)
     unknown = [c for c in order if c not in table]
     if unknown:
         raise MergeError(f"task {task!r} has no route for context {unknown[0]!r}; routed: {', '.join(table)}")
-    return [manifest["contexts"].index(table[c]) for c in order]
+    return [manifest.contexts.index(table[c]) for c in order]
 
 
-def route_map(manifest: dict, task: str, contexts: Sequence[str] | None = None) -> torch.Tensor:
+def route_map(manifest: Manifest, task: str, contexts: Sequence[str] | None = None) -> torch.Tensor:
     """(C_task + 1,) long lookup: ``route_map(...)[ids + 1]`` maps a task's context ids to group ids, -1 to -1
     (the form :class:`mtcpeft.data.dataset.EncodedDataset` takes as ``context_map``)."""
     return torch.tensor([-1, *route_table(manifest, task, contexts)], dtype=torch.long)
 
 
-def apply_plugin(model: ContextModel, manifest: dict, tensors: dict[str, torch.Tensor], prefix: str | None = None,
+def generated_group(manifest: Manifest, task) -> str:
+    """The plugin group of a task's generated tokens: its route of ``task.generated_context``."""
+    return task_route(manifest, task.name)[task.generated_context]
+
+
+def task_route(manifest: Manifest, task: str) -> dict[str, str]:
+    """{task context: plugin group} of ``task`` (see :func:`task_routes`); an unrouted task is refused."""
+    routes = task_routes(manifest)
+    if task not in routes:
+        raise MergeError(f"the plugin routes no task {task!r}; routed tasks: {', '.join(routes)}")
+    return routes[task]
+
+
+def apply_plugin(model: ContextModel, manifest: Manifest, tensors: dict[str, torch.Tensor], prefix: str | None = None,
                  mapping: dict[str, str] | None = None) -> dict[str, str]:
     """Copy a plugin's groups into ``model`` by context name; returns {plugin context: model context}.
 
@@ -430,64 +438,43 @@ def apply_plugin(model: ContextModel, manifest: dict, tensors: dict[str, torch.T
     zero-padded, another scale folded into B; exact). Model groups and targets the plugin does not name are left
     as they are.
     """
-    kind, full = manifest["adaptor"]["kind"], manifest["adaptor"].get("full_finetune")
+    kind, full = manifest.adaptor.kind, manifest.adaptor.full_finetune
     if full or model.adaptor.name != kind:
         raise MergeError(f"the plugin holds {'a fully fine-tuned LM' if full else kind + ' adaptors'}; the model has "
                          f"{model.adaptor.name} adaptors")
-    prefix = adaptor_prefix(manifest) if prefix is None else prefix
+    prefix = manifest.prefix if prefix is None else prefix
     mapping = mapping or {}
     where = {}
-    for c in manifest["contexts"]:
-        for name in (mapping.get(c), c, f"{manifest['task']}.{c}"):
+    for c in manifest.contexts:
+        for name in (mapping.get(c), c, f"{manifest.task}.{c}"):
             if name is not None and name in model.vocab:
                 where[c] = name
                 break
         else:
             raise MergeError(f"the model has no context for the plugin's {c!r} (tried {c!r} and "
-                             f"{manifest['task']}.{c!r}); its contexts: {list(model.vocab.names)}; pass mapping=")
+                             f"{manifest.task}.{c!r}); its contexts: {list(model.vocab.names)}; pass mapping=")
     layers = dict(model.context_layers())
-    saved_as = adaptor_config(kind, **adaptor_options(manifest))
+    saved_as = manifest.adaptor.config()
     problem = model.adaptor.fit_problem(saved_as)
     if problem:
         raise MergeError(f"the plugin does not fit the model: {problem}")
     params = adaptor_param_names(kind)
     with torch.no_grad(), _as_merge_error():
-        for t in manifest["targets"]:
+        for t in manifest.targets:
             if t not in layers:
                 raise MergeError(f"the plugin adapts {t!r}, which the model does not; build it with the plugin's "
-                                 f"placement {manifest['placement']!r}")
+                                 f"placement {manifest.placement!r}")
             own = [getattr(layers[t], p) for p in params]
             src = [tensors[f"{prefix}{t}.{p}"] for p in params]
             for p, o, x in zip(params, own, src):
                 if x.shape[-1] != o.shape[-1] or x.shape[2:-1] != o.shape[2:-1]:
                     raise MergeError(f"{t}.{p}: plugin shape {list(x.shape)} does not fit the model's "
                                      f"{list(o.shape)} (another base LM or placement?)")
-            for i, c in enumerate(manifest["contexts"]):
+            for i, c in enumerate(manifest.contexts):
                 group = model.adaptor.conform([x[i] for x in src], saved_as)  # e.g. rank padding, scale folding
                 for o, row in zip(own, group):
                     o[model.vocab.id(where[c])].copy_(row)
     return where
-
-
-def load_unified(plugin_dir: str | os.PathLike, lm: nn.Module, check_base: bool = True) -> tuple[ContextModel, dict]:
-    """(ContextModel over ``lm`` with the plugin's contexts, adaptor and placement, loaded; manifest).
-
-    Works for merged and ordinary plugins; the projector tensors (if any) stay in the plugin
-    (:func:`projector_tensors`). ``check_base``: refuse an ``lm`` other than the plugin's base (fingerprint).
-    """
-    manifest, tensors = load_plugin(plugin_dir)
-    if check_base:
-        check_compatible(manifest, base_lm_fingerprint=lm_fingerprint(lm), where=str(plugin_dir))
-    placement = manifest["placement"]
-    config = adaptor_config(manifest["adaptor"]["kind"], **adaptor_options(manifest))
-    model = ContextModel(lm, manifest["contexts"], config, placement,
-                         generated_context=manifest.get("generated_context"))
-    if set(model.target_names) != set(manifest["targets"]):
-        raise PluginError(f"{plugin_dir}: the placement {placement!r} selects other layers on this LM than the plugin "
-                          f"adapts (e.g. {manifest['targets'][:2]})")
-    check_compatible(manifest, model=model, tensors=tensors, where=str(plugin_dir))
-    apply_plugin(model, manifest, tensors)
-    return model, manifest
 
 
 def projector_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

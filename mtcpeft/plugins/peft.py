@@ -33,8 +33,8 @@ from torch import nn
 
 from mtcpeft.core.adaptors.base import projection_dims
 from mtcpeft.io import save_tensors, write_json
-from .manifest import (DEFAULT_PREFIX, PluginError, adaptor_prefix, atomic_dir, load_plugin, lm_fingerprint,
-                     save_plugin)
+from .manifest import (DEFAULT_PREFIX, AdaptorInfo, Manifest, PluginError, atomic_dir, load_plugin, lm_fingerprint,
+                       save_plugin)
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -50,20 +50,19 @@ class InteropError(PluginError):
 
 # ------------------------------------------------------------------------------------------------ export
 def _lora_source(source, prefix: str | None):
-    """(manifest-like dict, tensors, prefix, conv1d module names) of a ContextModel, a plugin dir or (manifest,
-    tensors)."""
+    """(contexts, adaptor, targets, base_lm, tensors, prefix, conv1d module names or None) of a ContextModel, a
+    plugin dir or (manifest, tensors)."""
     from mtcpeft.core.model import ContextModel
 
     if isinstance(source, ContextModel):
-        info = {"contexts": list(source.vocab.names), "adaptor": source.adaptor.to_dict(),
-                "targets": list(source.target_names),
-                "base_lm": getattr(source.model.config, "name_or_path", "") or ""}
         conv1d = {n for n, layer in source.context_layers() if type(layer.base_layer).__name__ == "Conv1D"}
-        return info, source.adaptor_state_dict(), "" if prefix is None else prefix, conv1d
+        return (list(source.vocab.names), AdaptorInfo.of(source.adaptor), list(source.target_names),
+                getattr(source.model.config, "name_or_path", "") or "", source.adaptor_state_dict(),
+                "" if prefix is None else prefix, conv1d)
     if isinstance(source, (str, os.PathLike)):
         source = load_plugin(source)
-    manifest, tensors = source
-    return manifest, tensors, adaptor_prefix(manifest) if prefix is None else prefix, None
+    m, tensors = source
+    return m.contexts, m.adaptor, m.targets, m.base_lm, tensors, m.prefix if prefix is None else prefix, None
 
 
 def _gpt2_conv1d(targets: list[str]) -> set[str]:
@@ -82,12 +81,10 @@ def export_peft(source, context: str | int, out_dir: str | os.PathLike, *, prefi
 
     ``prefix``: how adaptor tensor names start (default: "" for a ContextModel, the manifest's for a plugin).
     """
-    info, tensors, prefix, conv1d = _lora_source(source, prefix)
-    adaptor = info["adaptor"]
-    if adaptor["kind"] != "lora" or adaptor.get("full_finetune"):
-        raise InteropError(f"only LoRA adaptors export to PEFT; this one is {adaptor['kind']!r}"
-                           f"{' (full fine-tuning)' if adaptor.get('full_finetune') else ''}")
-    contexts = info["contexts"]
+    contexts, adaptor, targets, base_lm, tensors, prefix, conv1d = _lora_source(source, prefix)
+    if adaptor.kind != "lora" or adaptor.full_finetune:
+        raise InteropError(f"only LoRA adaptors export to PEFT; this one is {adaptor.kind!r}"
+                           f"{' (full fine-tuning)' if adaptor.full_finetune else ''}")
     if isinstance(context, int):
         if not 0 <= context < len(contexts):
             raise InteropError(f"context id {context} is outside [0, {len(contexts)}) for contexts {contexts}")
@@ -96,7 +93,6 @@ def export_peft(source, context: str | int, out_dir: str | os.PathLike, *, prefi
         c = contexts.index(context)
     else:
         raise InteropError(f"unknown context {context!r}; this adaptor's contexts are {contexts}")
-    targets = info["targets"]
     conv1d = conv1d if conv1d is not None else _gpt2_conv1d(targets)
     if conv1d and conv1d != set(targets):  # PEFT's fan_in_fan_out is one flag for the whole adapter
         raise InteropError(f"targets mix Conv1D ({sorted(conv1d)[:2]}) and Linear projections; PEFT's single "
@@ -113,10 +109,10 @@ def export_peft(source, context: str | int, out_dir: str | os.PathLike, *, prefi
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or info.get("base_lm") or None,
-        "r": adaptor["rank"],
-        "lora_alpha": adaptor["alpha"],
-        "lora_dropout": adaptor.get("dropout", 0.0),
+        "base_model_name_or_path": base_model_name_or_path or base_lm or None,
+        "r": adaptor.options["rank"],
+        "lora_alpha": adaptor.options["alpha"],
+        "lora_dropout": adaptor.options.get("dropout", 0.0),
         "target_modules": targets,  # full module names: PEFT matches a name equal to a target exactly
         "fan_in_fan_out": bool(conv1d),
         "bias": "none",
@@ -164,13 +160,13 @@ def read_peft_config(peft_dir: str | os.PathLike) -> dict:
     return config
 
 
-def import_peft(peft_dir: str | os.PathLike, context: str = "default", *, prefix: str = DEFAULT_PREFIX,
-                lm: nn.Module | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A PEFT LoRA adapter as a one-context LoRA group: (manifest fragment, tensors).
+def import_peft(peft_dir: str | os.PathLike, context: str = "default", *, task: str = "peft",
+                prefix: str = DEFAULT_PREFIX, lm: nn.Module | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """A PEFT LoRA adapter as a one-context LoRA group of ``task``: (manifest, tensors).
 
-    tensors: ``<prefix><m>.lora_A`` (1, R, d_in) and ``<prefix><m>.lora_B`` (1, R, d_out). The fragment holds
-    ``contexts`` ([context]), ``adaptor``, ``targets``, ``placement`` and ``base_lm``; given the base ``lm`` (a
-    causal LM), targets are in model order, widths are checked against it and ``base_lm_fingerprint`` is added.
+    tensors: ``<prefix><m>.lora_A`` (1, R, d_in) and ``<prefix><m>.lora_B`` (1, R, d_out). The manifest's
+    ``contexts`` are [context]; given the base ``lm`` (a causal LM), targets are in model order, widths are checked
+    against it and ``base_lm_fingerprint`` is its fingerprint (else empty).
     """
     d = Path(peft_dir)
     config = read_peft_config(d)
@@ -210,20 +206,20 @@ def import_peft(peft_dir: str | os.PathLike, context: str = "default", *, prefix
         pad = rank - A.shape[0]
         tensors[f"{prefix}{mod}.lora_A"] = nn.functional.pad(A, (0, 0, 0, pad)).unsqueeze(0).contiguous()
         tensors[f"{prefix}{mod}.lora_B"] = nn.functional.pad(B, (0, 0, 0, pad)).unsqueeze(0).contiguous()
-    fragment = {
-        "contexts": [context],
-        "adaptor": {"kind": "lora", "rank": rank, "alpha": alpha, "dropout": float(config.get("lora_dropout", 0.0)),
-                    "full_finetune": False},
-        "placement": ",".join(targets),
-        "targets": targets,
-        "base_lm": config.get("base_model_name_or_path") or "",
-    }
-    if prefix != DEFAULT_PREFIX:
-        fragment["adaptor_prefix"] = prefix
     if lm is not None:
         _check_widths(lm, tensors, prefix, d)
-        fragment["base_lm_fingerprint"] = lm_fingerprint(lm)
-    return fragment, tensors
+    manifest = Manifest(
+        task=task,
+        contexts=[context],
+        task_contexts=[context],
+        adaptor=AdaptorInfo("lora", {"rank": rank, "alpha": alpha, "dropout": float(config.get("lora_dropout", 0.0))}),
+        placement=",".join(targets),
+        targets=targets,
+        base_lm=config.get("base_model_name_or_path") or "",
+        base_lm_fingerprint=lm_fingerprint(lm) if lm is not None else "",
+        adaptor_prefix=prefix if prefix != DEFAULT_PREFIX else None,
+    )
+    return manifest, tensors
 
 
 def _order(modules: list[str], lm: nn.Module | None) -> list[str]:
@@ -254,6 +250,6 @@ def _check_widths(lm: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, 
 def peft_plugin(peft_dir: str | os.PathLike, out_dir: str | os.PathLike, lm: nn.Module, task: str,
                 context: str = "default", generated_context: str | None = None) -> Path:
     """Save a PEFT LoRA adapter as a one-context plugin of ``task`` (mergeable like any task plugin)."""
-    fragment, tensors = import_peft(peft_dir, context, lm=lm)
-    manifest = {"task": task, "task_contexts": [context], "generated_context": generated_context, **fragment}
+    manifest, tensors = import_peft(peft_dir, context, task=task, lm=lm)
+    manifest.generated_context = generated_context
     return save_plugin(out_dir, manifest, tensors)

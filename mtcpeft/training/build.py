@@ -11,12 +11,13 @@ from mtcpeft.config import ConfigError, RunConfig, config_to_dict
 from mtcpeft.core.contexts import ContextVocab
 from mtcpeft.core.model import ContextModel
 from mtcpeft.data.dataset import DataReport, EmptySplitError, EncodedDataset, check_images, open_image
-from mtcpeft.data.task import EmptyTargetError, PromptTooLongError, get_task
+from mtcpeft.data.task import EmptyTargetError, PromptTooLongError
 from mtcpeft.models.lm import load_lm, load_tokenizer
 from mtcpeft.models.projector import Projector
 from mtcpeft.models.vision import build_vision_encoder, cached_features, image_transform
 from mtcpeft.models.vlm import VisionLanguageModel
-from mtcpeft.plugins.manifest import PluginError, adaptor_options, lm_fingerprint, load_plugin, save_plugin
+from mtcpeft.plugins.manifest import (AdaptorInfo, LayoutInfo, Manifest, ProjectorInfo, VisionInfo, lm_fingerprint,
+                                      save_plugin)
 
 SHARED = "shared"  # the one context of a context-agnostic model
 
@@ -171,68 +172,22 @@ def task_plugin(model: VisionLanguageModel, cfg: RunConfig, task, out_dir: str |
     ctx_lm = model.lm
     fingerprints = getattr(model, "fingerprints", None) or {
         "lm": lm_fingerprint(ctx_lm), "vision": model.encoder.fingerprint() if model.encoder is not None else None}
-    manifest = {
-        "task": task.name,
-        "contexts": list(ctx_lm.vocab.names),
-        "task_contexts": list(task.contexts),
-        "generated_context": task.generated_context if not cfg.adaptor.context_agnostic else SHARED,
-        "adaptor": {**ctx_lm.adaptor.to_dict(), "full_finetune": cfg.train.mode == "full"},
-        "placement": cfg.adaptor.targets,
-        "targets": ctx_lm.target_names,
-        "base_lm": cfg.model.lm,
-        "base_lm_fingerprint": fingerprints["lm"],
-        "vision": None,
-        "projector": None,
-        "layout": {"seq_len": cfg.data.seq_len, "max_target_tokens": cfg.data.max_target_tokens},
-        "data": config_to_dict(cfg.data),  # what it was trained on: launch/evaluate.py evaluates on it by default
-    }
+    manifest = Manifest(
+        task=task.name,
+        contexts=list(ctx_lm.vocab.names),
+        task_contexts=list(task.contexts),
+        generated_context=task.generated_context if not cfg.adaptor.context_agnostic else SHARED,
+        adaptor=AdaptorInfo.of(ctx_lm.adaptor, full_finetune=cfg.train.mode == "full"),
+        placement=cfg.adaptor.targets,
+        targets=ctx_lm.target_names,
+        base_lm=cfg.model.lm,
+        base_lm_fingerprint=fingerprints["lm"],
+        layout=LayoutInfo(cfg.data.seq_len, cfg.data.max_target_tokens),
+        data=config_to_dict(cfg.data),  # what it was trained on: launch/evaluate.py evaluates on it by default
+    )
     if model.encoder is not None:
-        manifest["vision"] = {"name": cfg.model.vision, "pretrained": cfg.model.vision_pretrained,
-                              "image_size": model.encoder.image_size, "fingerprint": fingerprints["vision"]}
-        manifest["projector"] = {"kind": cfg.model.projector, "in_dim": model.encoder.dim,
-                                 "out_dim": ctx_lm.model.get_input_embeddings().embedding_dim}
+        manifest.vision = VisionInfo(cfg.model.vision, cfg.model.vision_pretrained, model.encoder.image_size,
+                                     fingerprints["vision"])
+        manifest.projector = ProjectorInfo(cfg.model.projector, model.encoder.dim,
+                                           ctx_lm.model.get_input_embeddings().embedding_dim)
     return save_plugin(out_dir, manifest, tensors)
-
-
-def config_from_manifest(manifest: dict, lm: str | None = None) -> RunConfig:
-    """A RunConfig that rebuilds the model a plugin was trained as (base LM, encoder, adaptor, layout)."""
-    from mtcpeft.config import RunConfig
-
-    cfg = RunConfig(task=manifest["task"])
-    cfg.model.lm = lm or manifest["base_lm"]
-    if manifest.get("vision"):
-        cfg.model.vision = manifest["vision"]["name"]
-        cfg.model.vision_pretrained = manifest["vision"]["pretrained"]
-        cfg.model.image_size = manifest["vision"]["image_size"]
-        cfg.model.projector = manifest["projector"]["kind"]
-    cfg.adaptor.kind = manifest["adaptor"]["kind"]
-    cfg.adaptor.set_options(adaptor_options(manifest))
-    cfg.train.mode = "full" if manifest["adaptor"].get("full_finetune") else "adaptors"
-    cfg.adaptor.context_agnostic = manifest["contexts"] == [SHARED]
-    cfg.adaptor.targets = manifest["placement"]
-    cfg.data.seq_len = manifest["layout"]["seq_len"]
-    cfg.data.max_target_tokens = manifest["layout"]["max_target_tokens"]
-    return cfg
-
-
-def load_task_model(plugin_dir: str | Path, lm: str | None = None):
-    """Rebuild (model, tokenizer, layout, task, manifest) from a task plugin; checks base LM and encoder."""
-    manifest, tensors = load_plugin(plugin_dir)
-    task = get_task(manifest["task"])
-    cfg = config_from_manifest(manifest, lm)
-    model, tokenizer, layout = build_task_model(cfg, task)
-    if model.lm.target_names != manifest["targets"]:
-        raise PluginError(f"{plugin_dir}: the placement {cfg.adaptor.targets!r} no longer selects the layers it was "
-                          f"trained on (e.g. {manifest['targets'][:2]}); was the base LM changed?")
-    if model.fingerprints["lm"] != manifest["base_lm_fingerprint"]:
-        raise PluginError(f"{plugin_dir} was trained on another base LM than {cfg.model.lm!r} (fingerprints differ)")
-    if model.encoder is not None and model.fingerprints["vision"] != manifest["vision"]["fingerprint"]:
-        raise PluginError(f"{plugin_dir} was trained with other {cfg.model.vision} weights (fingerprints differ)")
-    own = dict(model.named_parameters())
-    missing = sorted(set(tensors) - set(own))
-    if missing:
-        raise PluginError(f"{plugin_dir}: tensors {missing[:3]} have no place in the rebuilt model")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            own[k].copy_(v)
-    return model.eval(), tokenizer, layout, task, manifest

@@ -7,43 +7,19 @@ model ignores (only rows with image positions are encoded and projected).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import ConcatDataset, default_collate
 
 from mtcpeft.config import ConfigError, load_config
-from mtcpeft.models.lm import load_lm, load_tokenizer
-from mtcpeft.models.projector import Projector
-from mtcpeft.models.vision import build_vision_encoder
 from mtcpeft.models.vlm import VisionLanguageModel
-from mtcpeft.plugins.manifest import save_plugin
-from mtcpeft.plugins.merge import load_unified, projector_tensors, route_map, task_routes
+from mtcpeft.plugins.manifest import JointInfo, Manifest, save_plugin
+from mtcpeft.plugins.merge import route_map
 from .build import build_datasets
 
 IMAGE_KEYS = ("image_features", "pixel_values")
-
-
-def build_joint_model(plugin_dir: str | Path, lm: str | None = None, check_base: bool = True):
-    """(VisionLanguageModel over the plugin's groups, tokenizer, manifest): adaptors and projector loaded and
-    trainable, everything else frozen."""
-    from mtcpeft.plugins.manifest import load_plugin
-
-    manifest, tensors = load_plugin(plugin_dir)
-    name = lm or manifest["base_lm"]
-    ctx_lm, manifest = load_unified(plugin_dir, load_lm(name), check_base=check_base)
-    encoder = projector = None
-    if manifest.get("vision"):
-        v = manifest["vision"]
-        encoder = build_vision_encoder(v["name"], v["pretrained"], v["image_size"])
-        p = manifest["projector"]
-        projector = Projector(p["in_dim"], p["out_dim"], p["kind"])
-        projector.load_state_dict(projector_tensors(tensors))
-    return VisionLanguageModel(ctx_lm, projector, encoder), load_tokenizer(name), manifest
-
-
-def routed_tasks(manifest: dict) -> list[str]:
-    return list(task_routes(manifest))
 
 
 def task_data_config(task_name: str, joint_cfg, config_dir: str | Path, overrides: dict[str, str] | None = None):
@@ -61,7 +37,7 @@ def task_data_config(task_name: str, joint_cfg, config_dir: str | Path, override
     return cfg
 
 
-def joint_datasets(joint_cfg, tasks: list, model: VisionLanguageModel, tokenizer, manifest: dict, config_dir,
+def joint_datasets(joint_cfg, tasks: list, model: VisionLanguageModel, tokenizer, manifest: Manifest, config_dir,
                    data_overrides: dict[str, str] | None = None, progress: bool = True):
     """{"train": ConcatDataset of every task, "val": {task: dataset}, "reports": {task: {split: DataReport}},
     "layouts": {task: SequenceLayout}}; each task's context ids routed to the plugin's groups."""
@@ -94,17 +70,12 @@ def mixed_collate(items: list[dict]) -> dict:
     return default_collate(items)
 
 
-def generated_group(manifest: dict, task) -> str:
-    """The unified group of a task's generated tokens (its route of ``task.generated_context``)."""
-    return manifest["routes"][task.name][task.generated_context]
-
-
-def save_joint_plugin(model: VisionLanguageModel, manifest: dict, out_dir: str | Path, tasks: list[str],
+def save_joint_plugin(model: VisionLanguageModel, manifest: Manifest, out_dir: str | Path, tasks: list[str],
                       state: dict[str, torch.Tensor] | None = None) -> Path:
     """The unified plugin with the jointly trained tensors (same groups, routes and layout of names)."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = state if state is not None else dict(model.named_parameters())
     tensors = {n: t.detach().contiguous() for n, t in state.items() if n in trainable}
-    keep = {k: v for k, v in manifest.items() if k not in ("format_version", "tensors")}
-    keep["joint"] = {"tasks": tasks, "from": manifest.get("joint", {}).get("from", manifest.get("task"))}
-    return save_plugin(out_dir, keep, tensors)
+    start = manifest.joint.from_task if manifest.joint is not None else manifest.task
+    joint = JointInfo(tasks=list(tasks), from_task=start)
+    return save_plugin(out_dir, replace(manifest, joint=joint, adaptor_prefix=None), tensors)  # the model's names
