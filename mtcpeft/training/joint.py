@@ -65,16 +65,13 @@ def joint_datasets(joint_cfg, tasks: list, model: VisionLanguageModel, tokenizer
                    data_overrides: dict[str, str] | None = None, progress: bool = True):
     """{"train": ConcatDataset of every task, "val": {task: dataset}, "reports": {task: {split: DataReport}},
     "layouts": {task: SequenceLayout}}; each task's context ids routed to the plugin's groups."""
-    from mtcpeft.data.task import SequenceLayout
-
-    T = model.encoder.num_tokens if model.encoder is not None else 0
     train, val, reports, layouts = [], {}, {}, {}
     for task in tasks:
         if task.uses_images and model.encoder is None:
             raise ConfigError(f"task {task.name!r} needs images but the plugin has no vision encoder/projector; merge "
                               "in a plugin of an image task (e.g. caption)")
         cfg = task_data_config(task.name, joint_cfg, config_dir, data_overrides)
-        layout = SequenceLayout(T if task.uses_images else 0, cfg.data.seq_len, cfg.data.max_target_tokens)
+        layout = task.layout(cfg.data, model.encoder)
         routes = route_map(manifest, task.name, task.contexts)
         data = build_datasets(cfg, task, model, tokenizer, layout, progress=progress, routes=routes)
         train.append(data["train"][0])
