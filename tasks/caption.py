@@ -23,6 +23,7 @@ class CaptionTask(Task):
     uses_images = True
     sources = {"easyvqa": easyvqa_caption_source, "coco": coco_caption_source, "karpathy": karpathy_source}
     metric = "cider"
+    inputs = ("image",)
 
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:
         return [self.image_segment(layout)]

@@ -26,6 +26,7 @@ class QATask(Task):
     uses_images = False
     sources = {"easyvqa": easyvqa_qa_source, "squad": squad_source}
     metric = "f1"
+    inputs = ("context", "question")
 
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:
         q = self.vocab.id("question")

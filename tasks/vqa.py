@@ -25,6 +25,7 @@ class VQATask(Task):
     uses_images = True
     sources = {"easyvqa": easyvqa_vqa_source, "vqa2": vqa2_source}
     metric = "vqa_accuracy"
+    inputs = ("image", "question")
 
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:
         text = tokenizer(" " + PROMPT.format(question=example["question"].strip()), add_special_tokens=False)

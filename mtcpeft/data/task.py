@@ -54,6 +54,7 @@ class Task:
     uses_images: ClassVar[bool] = False
     sources: ClassVar[dict[str, Reader]]  # data.source -> reader (mtcpeft.data.sources); the first: offline default
     metric: ClassVar[str]  # the headline generation metric (a key of :meth:`score`)
+    inputs: ClassVar[tuple[str, ...]] = ()  # example fields a prompt reads (launch/generate.py asks for these)
 
     @property
     def vocab(self) -> ContextVocab:

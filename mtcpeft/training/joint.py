@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import ConcatDataset, default_collate
 
 from mtcpeft.config import ConfigError, load_config
+from mtcpeft.data.task import offline_config
 from mtcpeft.models.lm import load_lm, load_tokenizer
 from mtcpeft.models.projector import Projector
 from mtcpeft.models.vision import build_vision_encoder
@@ -46,10 +47,12 @@ def routed_tasks(manifest: dict) -> list[str]:
     return list(task_routes(manifest))
 
 
-def task_data_config(task_name: str, joint_cfg, config_dir: str | Path, overrides: dict[str, str] | None = None):
-    """A task's data section: ``configs/<task>_offline.yaml`` (or ``overrides[task]``, a YAML path) with the joint
-    run's layout and limits (one seq_len for every task: the rows of a mixed batch are stacked)."""
-    path = (overrides or {}).get(task_name) or Path(config_dir) / f"{task_name}_offline.yaml"
+def task_data_config(task_name: str, joint_cfg, config_dir: str | Path | None = None,
+                     overrides: dict[str, str] | None = None):
+    """A task's data section: its offline default (:func:`~mtcpeft.data.task.offline_config` in ``config_dir``) or
+    ``overrides[task]`` (a YAML path), with the joint run's layout and limits (one seq_len for every task: the rows
+    of a mixed batch are stacked)."""
+    path = (overrides or {}).get(task_name) or offline_config(task_name, config_dir)
     if not Path(path).is_file():
         raise ConfigError(f"no data config for task {task_name!r}: {path} does not exist; pass --data "
                           f"{task_name}=FILE.yaml")
@@ -61,7 +64,7 @@ def task_data_config(task_name: str, joint_cfg, config_dir: str | Path, override
     return cfg
 
 
-def joint_datasets(joint_cfg, tasks: list, model: VisionLanguageModel, tokenizer, manifest: dict, config_dir,
+def joint_datasets(joint_cfg, tasks: list, model: VisionLanguageModel, tokenizer, manifest: dict, config_dir=None,
                    data_overrides: dict[str, str] | None = None, progress: bool = True):
     """{"train": ConcatDataset of every task, "val": {task: dataset}, "reports": {task: {split: DataReport}},
     "layouts": {task: SequenceLayout}}; each task's context ids routed to the plugin's groups."""
