@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from mtcpeft.data.task import offline_config
 from mtcpeft.errors import MtcpeftError
 from mtcpeft.io import write_json
 
@@ -229,7 +230,7 @@ def plan_runs(specs: Sequence[RunSpec], devices: Devices, out: str | os.PathLike
     overrides = run_overrides(specs, common, sets)
     plans = []
     for spec, share, port in zip(specs, shares, ports):
-        config = Path(config_dir) / f"{spec.task}_offline.yaml"
+        config = offline_config(spec.task, config_dir)
         if not config.is_file():
             raise ParallelPlanError(f"no config for task {spec.task!r}: {config} does not exist; add it or pass "
                                     "--config-dir DIR holding <task>_offline.yaml")
