@@ -19,6 +19,7 @@ from pathlib import Path
 
 import tasks  # noqa: F401  (registers the shipped tasks)
 from mtcpeft.cli import add_task_module_option, load_task_modules, run_cli
+from mtcpeft.config import ConfigError
 from mtcpeft.data.dataset import open_image
 from mtcpeft.evaluation.heatmap import overlay, save_head_panels, span_attention
 from mtcpeft.io import atomic_path
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = ap.parse_args(argv)
     load_task_modules(args)
     if not Path(args.image).is_file():
-        ap.error(f"image {args.image} does not exist")
+        raise ConfigError(f"image {args.image} does not exist; pass an image file with --image")
     model, tokenizer, layout, task, manifest = load_task_model(args.plugin, lm=args.lm)
     image = open_image(args.image)
     sa = span_attention(model, tokenizer, layout, task, manifest, image, args.text, args.span, args.layer,
