@@ -17,23 +17,19 @@ count is the same as with the real weights. Also runs under ``accelerate launch`
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
 import contextlib
 import json
 import os
 import sys
-from pathlib import Path
 
-try:
-    import mtcpeft  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # a fresh clone: run from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mtcpeft.config import TRAIN_MODES
+from mtcpeft.cli import run_cli
+from mtcpeft.config import TRAIN_MODES, ConfigError
 from mtcpeft.core.adaptors import ADAPTORS, adaptor_config
-from mtcpeft.core.inject import TargetError
 from mtcpeft.experiments.params import AGNOSTIC, build_lm, count_for, count_full, markdown_table, param_table
-from mtcpeft.models import LMNotFoundError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +57,7 @@ def adaptor_options(args: argparse.Namespace) -> dict:
     extra = sorted(k for k in given if k not in fields)
     if extra:
         flags = ", ".join(f"--{k}" for k in extra)
-        raise SystemExit(f"error: the {args.adaptor!r} adaptor has no {flags} option (options: {', '.join(fields)})")
+        raise ConfigError(f"the {args.adaptor!r} adaptor has no {flags} option (options: {', '.join(fields)})")
     return given
 
 
@@ -69,13 +65,10 @@ def table(args: argparse.Namespace) -> dict:
     """--table: every compared method on fresh meta-device copies of the LM."""
     contexts = [c.strip() for c in args.contexts.split(",") if c.strip()]
     if len(contexts) < 2:
-        raise SystemExit(f"error: the context-specific column needs two contexts or more, got {contexts}; "
-                         "pass --contexts a,b")
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            rows = param_table(lambda: build_lm(args.model, random_init=True), contexts, args.targets)
-    except (LMNotFoundError, TargetError) as e:  # a wrong --model or --targets: the message names the fix
-        raise SystemExit(f"error: {e}") from None
+        raise ConfigError(f"the context-specific column needs two contexts or more, got {contexts}; "
+                          "pass --contexts a,b")
+    with contextlib.redirect_stdout(sys.stderr):  # a wrong --model or --targets: run_cli prints the fix
+        rows = param_table(lambda: build_lm(args.model, random_init=True), contexts, args.targets)
     result = {
         "model": args.model,
         "targets": args.targets,
@@ -99,14 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     full = args.mode == "full"
     config = adaptor_config("none" if full else args.adaptor, **({} if full else adaptor_options(args)))
     contexts = [AGNOSTIC] if args.context_agnostic else [c.strip() for c in args.contexts.split(",") if c.strip()]
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report (libraries log there)
-            if full:
-                count = count_full(build_lm(args.model, random_init=args.random_init))
-            else:
-                count = count_for(args.model, config, contexts, args.targets, random_init=args.random_init)
-    except LMNotFoundError as e:  # a wrong --model: the message already says what to pass
-        raise SystemExit(f"error: {e}") from None
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report (libraries log there)
+        if full:
+            count = count_full(build_lm(args.model, random_init=args.random_init))
+        else:
+            count = count_for(args.model, config, contexts, args.targets, random_init=args.random_init)
     result = {
         "model": args.model,
         "mode": args.mode,
@@ -141,4 +131,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,23 +14,22 @@ configs/<task>_offline.yaml), which also lays it out. Writes eval_<split>.json b
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.config import ConfigError, config_from_dict, load_config  # noqa: E402
-from mtcpeft.evaluation.evaluate import evaluate_task  # noqa: E402
-from mtcpeft.io import write_json  # noqa: E402
-from mtcpeft.plugins.load import load_model  # noqa: E402
-from mtcpeft.plugins.manifest import Manifest  # noqa: E402
-from mtcpeft.training.trainer import configure_cpu_threads  # noqa: E402
-from tasks import TASKS, get_task  # noqa: E402
+import tasks  # noqa: F401  (registers the shipped tasks)
+from mtcpeft.cli import add_task_module_option, load_task_modules, run_cli, task_help
+from mtcpeft.config import ConfigError, config_from_dict, load_config
+from mtcpeft.data.task import get_task, offline_config
+from mtcpeft.evaluation.evaluate import evaluate_task
+from mtcpeft.io import write_json
+from mtcpeft.plugins.load import load_model
+from mtcpeft.plugins.manifest import Manifest
+from mtcpeft.training.trainer import configure_cpu_threads
 
 
 def positive_int(text: str) -> int:
@@ -53,14 +52,14 @@ def data_config(args, manifest: Manifest):
         run = Path(args.plugin).parent / "config.yaml"
         if run.is_file() and load_config(run).task == manifest.task:
             return load_config(run, args.overrides), f"{run} (the plugin's training run)"
-    default = ROOT / "configs" / f"{args.task}_offline.yaml"
+    default = offline_config(args.task)
     return load_config(default if default.is_file() else None, args.overrides), \
         f"{default} (the task's offline default; pass --config to evaluate on other data)"
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", required=True, help=f"registered task: {', '.join(TASKS.names())}")
+    ap.add_argument("--task", required=True, help=task_help())
     ap.add_argument("--plugin", required=True, help="plugin directory written by launch/train_task.py")
     ap.add_argument("--split", default="val", choices=("train", "val"))
     ap.add_argument("--config", help="YAML config for the data (default: the data the plugin was trained on)")
@@ -69,8 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--out", help="metrics JSON path (default: eval_<split>.json beside the plugin)")
     ap.add_argument("--lm", help="load the base LM from here instead of the plugin's base_lm")
+    add_task_module_option(ap)
     ap.add_argument("overrides", nargs="*", help="dotted data overrides, e.g. data.source=squad data.val_annotations=F")
     args = ap.parse_args(argv)
+    load_task_modules(args)
     task = get_task(args.task)  # an unknown task or a wrong plugin fails before any model is loaded
     manifest = Manifest.read(args.plugin)
     if not manifest.unified and manifest.task != task.name:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     configure_cpu_threads()
     loaded = load_model(args.plugin, args.lm, manifest=manifest)
     # a task plugin keeps the layout it was trained with; a unified one lays the task out as its data config says
-    layout = loaded.layout_for(task, cfg.data.seq_len, cfg.data.max_target_tokens)
+    layout = loaded.layout_for(task, cfg.data)
     cfg.data.seq_len, cfg.data.max_target_tokens = layout.seq_len, layout.max_target_tokens
     cfg.task = task.name
     cfg.output_dir = str(Path(args.plugin).parent)  # feature caches sit beside the plugin's run

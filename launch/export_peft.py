@@ -10,17 +10,15 @@ An existing --out is replaced only if it holds a PEFT adapter and --overwrite is
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.io import check_output_dir  # noqa: E402
-from mtcpeft.plugins.peft import PEFT_CONFIG, PEFT_WEIGHTS, export_peft  # noqa: E402
+from mtcpeft.cli import run_cli
+from mtcpeft.io import check_output_dir
+from mtcpeft.plugins.peft import PEFT_CONFIG, PEFT_WEIGHTS, export_peft
 
 
 def main(argv: list[str] | None = None) -> Path:

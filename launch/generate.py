@@ -4,36 +4,37 @@
     python launch/generate.py --plugin runs/vqa_offline/plugin --image a.png --question "what shape is in the image?"
     python launch/generate.py --plugin runs/qa_offline/plugin --passage "The picture shows ..." --question "..."
 
-Repeat --image (captioning) to caption several images in one batch.
+Repeat --image (captioning) to caption several images in one batch. The plugin's task says which of --image,
+--question and --passage it reads (``Task.inputs``); a plugin of a task of your own package: --task-module.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import tasks  # noqa: F401  (registers the shipped tasks)
+from mtcpeft.cli import add_task_module_option, load_task_modules, run_cli
+from mtcpeft.config import ConfigError
+from mtcpeft.data.dataset import check_images, open_image
+from mtcpeft.data.task import get_task
+from mtcpeft.evaluation.generation import generate_texts
+from mtcpeft.models.vision import image_transform
+from mtcpeft.plugins.load import load_model
+from mtcpeft.plugins.manifest import Manifest
 
-from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.config import ConfigError  # noqa: E402
-from mtcpeft.data.dataset import check_images, open_image  # noqa: E402
-from mtcpeft.evaluation.generation import generate_texts  # noqa: E402
-from mtcpeft.models.vision import image_transform  # noqa: E402
-from mtcpeft.plugins.load import load_model  # noqa: E402
-from mtcpeft.plugins.manifest import Manifest  # noqa: E402
-from tasks import get_task  # noqa: E402
+FLAGS = {"image": "--image", "question": "--question", "context": "--passage"}  # example field -> its option
 
 
 def build_examples(task, images: list[str], question: str | None, passage: str | None) -> list[dict]:
     """The example dicts the task's prompt reads, from the command line; names what is missing or unreadable."""
-    needs = {"caption": ("image",), "vqa": ("image", "question"), "qa": ("passage", "question")}.get(task.name, ())
-    given = {"image": bool(images), "question": question is not None, "passage": passage is not None}
-    missing = [f"--{k}" for k in needs if not given[k]]
+    given = {"image": bool(images), "question": question is not None, "context": passage is not None}
+    missing = [FLAGS.get(k, k) for k in task.inputs if not given.get(k)]
     if missing:
         raise ConfigError(f"a {task.name} plugin needs {' and '.join(missing)}")
-    unused = [f"--{k}" for k, v in given.items() if v and k not in needs]
+    unused = [FLAGS[k] for k, v in given.items() if v and k not in task.inputs]
     if unused:  # not silently ignored: the user may have the wrong plugin
         raise ConfigError(f"a {task.name} plugin reads no {' or '.join(unused)}; drop it (or pass a plugin of "
                           "another task)")
@@ -53,7 +54,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> list[str]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plugin", required=True, help="plugin directory written by launch/train_task.py")
     ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
@@ -62,7 +63,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--beams", type=positive_int, default=1, help="beam search width (1 = greedy)")
     ap.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the plugin's target budget")
     ap.add_argument("--lm", help="load the base LM from here instead of the plugin's base_lm")
-    args = ap.parse_args(argv)
+    add_task_module_option(ap)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    load_task_modules(args)
     # the inputs are checked before the (slow) model is built
     manifest = Manifest.read(args.plugin)
     examples = build_examples(get_task(manifest.task), args.image, args.question, args.passage)

@@ -11,19 +11,19 @@ the image's size; without it the PNG is a panel grid: all heads, then each head 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
-from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.data.dataset import open_image  # noqa: E402
-from mtcpeft.evaluation.heatmap import overlay, save_head_panels, span_attention  # noqa: E402
-from mtcpeft.io import atomic_path  # noqa: E402
-from mtcpeft.plugins.load import load_model  # noqa: E402
+import tasks  # noqa: F401  (registers the shipped tasks)
+from mtcpeft.cli import add_task_module_option, load_task_modules, run_cli
+from mtcpeft.config import ConfigError
+from mtcpeft.data.dataset import open_image
+from mtcpeft.evaluation.heatmap import overlay, save_head_panels, span_attention
+from mtcpeft.io import atomic_path
+from mtcpeft.plugins.load import load_model
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--question", help="the question of a VQA plugin's prompt")
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the heatmap in the blend (default 0.5)")
     ap.add_argument("--lm", help="load the base LM from here instead of the plugin's base_lm")
+    add_task_module_option(ap)
     args = ap.parse_args(argv)
+    load_task_modules(args)
     if not Path(args.image).is_file():
-        ap.error(f"image {args.image} does not exist")
+        raise ConfigError(f"image {args.image} does not exist; pass an image file with --image")
     loaded = load_model(args.plugin, args.lm)
     image = open_image(args.image)
     sa = span_attention(loaded.model, loaded.tokenizer, loaded.layout, loaded.task, loaded.manifest, image, args.text,

@@ -19,20 +19,18 @@ holds other files.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import yaml
 
-import yaml  # noqa: E402
-
-from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.io import check_output_dir  # noqa: E402
-from mtcpeft.plugins.manifest import MANIFEST, TENSORS, Manifest  # noqa: E402
-from mtcpeft.plugins.merge import STRATEGIES, MergeError, check_not_a_source, merge_to_dir  # noqa: E402
+from mtcpeft.cli import run_cli
+from mtcpeft.io import check_output_dir
+from mtcpeft.plugins.manifest import MANIFEST, TENSORS, Manifest
+from mtcpeft.plugins.merge import STRATEGIES, MergeError, check_not_a_source, merge_to_dir
 
 SPEC_KEYS = ("plugins", "routes", "strategy", "density", "projector", "generated", "task", "out")
 

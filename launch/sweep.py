@@ -11,18 +11,18 @@ ones from their checkpoint and retries failed ones. Writes ``<out>/results.csv``
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
 import sys
+
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
-from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.experiments.plots import PLOT_FILES  # noqa: E402
-from mtcpeft.experiments.sweep import run_sweep  # noqa: E402
-from mtcpeft.experiments.sweep_spec import load_sweep  # noqa: E402
+from mtcpeft.cli import run_cli
+from mtcpeft.experiments.plots import PLOT_FILES
+from mtcpeft.experiments.sweep import run_sweep
+from mtcpeft.experiments.sweep_spec import load_sweep
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

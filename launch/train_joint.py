@@ -14,28 +14,23 @@ resumed or replaced (--overwrite). On CPU: see configs/accelerate/*.yaml for the
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
-import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from accelerate.utils import set_seed  # noqa: E402
-
-from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.config import ConfigError, load_config  # noqa: E402
-from mtcpeft.evaluation.evaluate import evaluate_task  # noqa: E402
-from mtcpeft.io import UnsafeWriteError, prepare_run_dir, write_json  # noqa: E402
-from mtcpeft.plugins.load import load_model  # noqa: E402
-from mtcpeft.plugins.merge import task_routes  # noqa: E402
-from mtcpeft.training.joint import joint_datasets, mixed_collate, save_joint_plugin, task_data_config  # noqa: E402
-from mtcpeft.training.trainer import (
-    Trainer, configure_cpu_threads, make_accelerator, trainable_digest, zero_stage,
-)  # noqa: E402
-from tasks import get_task  # noqa: E402
+import tasks  # noqa: F401  (registers the shipped tasks)
+from mtcpeft.cli import add_task_module_option, load_task_modules, run_cli
+from mtcpeft.config import ConfigError, load_config
+from mtcpeft.data.task import get_task, offline_config
+from mtcpeft.evaluation.evaluate import evaluate_task
+from mtcpeft.io import UnsafeWriteError
+from mtcpeft.plugins.load import load_model
+from mtcpeft.plugins.merge import task_routes
+from mtcpeft.training.joint import joint_datasets, mixed_collate, save_joint_plugin, task_data_config
+from mtcpeft.training.run import end_run, fit_run, run_results, start_run
+from mtcpeft.training.trainer import make_accelerator, trainable_digest, zero_stage
 
 
 def parse_data(items: list[str]) -> dict[str, str]:
@@ -48,7 +43,7 @@ def parse_data(items: list[str]) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plugin", required=True, help="unified plugin (launch/merge.py) or any task plugin")
     ap.add_argument("--tasks", required=True, help="comma-separated tasks the plugin routes, e.g. vqa,caption,qa")
@@ -59,24 +54,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lm", help="load the base LM from here instead of the plugin's base_lm")
     ap.add_argument("--overwrite", action="store_true", help="replace the previous run in output_dir (its plugin, "
                     "checkpoint and results; other files are kept)")
+    add_task_module_option(ap)
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 train.max_steps=100")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config or ROOT / "configs" / "joint_offline.yaml", args.overrides)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    load_task_modules(args)
+    cfg = load_config(args.config or offline_config("joint"), args.overrides)
     cfg.task = "joint"
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    tasks = [get_task(n) for n in names]
+    chosen = [get_task(n) for n in names]
+    data_files = parse_data(args.data)
     out = Path(cfg.output_dir)
     if args.overwrite and out.resolve() in Path(args.plugin).resolve().parents:
         raise UnsafeWriteError(f"--plugin {args.plugin} lies inside output_dir {out}, which --overwrite clears; "
                                "copy the plugin elsewhere or choose another output_dir")
-    # before anything is built: a bad output_dir must not cost a model load and an encoding of every image
-    prepare_run_dir(out, resume=cfg.train.resume, overwrite=args.overwrite,
-                    check_only=os.environ.get("RANK", "0") != "0")
-
-    set_seed(cfg.seed)
-    configure_cpu_threads()
-    # built before the Accelerator: under ZeRO-3 transformers would otherwise load the LM already partitioned
-    loaded = load_model(args.plugin, args.lm)
+    start_run(cfg, args.overwrite)
+    loaded = load_model(args.plugin, args.lm)  # before the Accelerator (training/run.py)
     model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
     acc = make_accelerator(cfg.train, cfg.output_dir, find_unused_parameters=True)
     routed = list(task_routes(manifest))
@@ -85,42 +81,29 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"the plugin routes no task {unrouted[0]!r} (it routes {', '.join(routed)}); "
                           f"merge with --route {unrouted[0]}.<context>=<group> for each of its contexts")
     with acc.main_process_first():
-        data = joint_datasets(cfg, tasks, model, tokenizer, manifest, ROOT / "configs", parse_data(args.data),
+        data = joint_datasets(cfg, chosen, model, tokenizer, manifest, data_overrides=data_files,
                               progress=acc.is_local_main_process)
     for name, reports in data["reports"].items():
         for split, report in reports.items():
             acc.print(f"[{name}] {report.summary(split)}")
-
-    def save_best(trainer: Trainer) -> None:
-        state = trainer.acc.get_state_dict(trainer.model)  # gathers ZeRO-3 shards; every rank must call it
-        if trainer.acc.is_main_process:
-            save_joint_plugin(trainer.acc.unwrap_model(trainer.model), manifest, out / "plugin", names, state)
-
-    trainer = Trainer(cfg, model, data["train"], data["val"], collate=mixed_collate, accelerator=acc,
-                      on_best=save_best)
-    state = trainer.fit()
+    trainer, state = fit_run(cfg, model, data["train"], data["val"], acc,
+                             lambda m, plugin, tensors: save_joint_plugin(m, manifest, plugin, names, tensors),
+                             collate=mixed_collate)
     digests = acc.gather_for_metrics([trainable_digest(acc, trainer.model)], use_gather_object=True)
-    results = {
-        "tasks": names, "best_epoch": state.best_epoch, "best_val_ppl": state.best_val_ppl, "history": state.history,
-        "global_step": state.global_step, "trainable_parameters": trainer.num_trainable,
-        "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type), "zero_stage": zero_stage(acc),
-        "rank_digests": digests, "metrics": {},
-    }
+    results = {"tasks": names, **run_results(trainer, state), "zero_stage": zero_stage(acc), "rank_digests": digests,
+               "metrics": {}}
     trainer.finish()
     if args.eval_limit and zero_stage(acc) != 3 and acc.is_main_process:  # generation on one process
         unwrapped = acc.unwrap_model(trainer.model).eval()
-        for task in tasks:
-            tcfg = task_data_config(task.name, cfg, ROOT / "configs", parse_data(args.data))
+        for task in chosen:
+            tcfg = task_data_config(task.name, cfg, overrides=data_files)
             tcfg.data.val_limit = args.eval_limit
             ev = evaluate_task(tcfg, task, unwrapped, tokenizer, data["layouts"][task.name], "val",
                                **loaded.routing(task))
             results["metrics"][task.name] = {"perplexity": ev["perplexity"]["ppl"], **ev["metrics"]}
             acc.print(f"[{task.name}] {task.metric} {ev['metrics'][task.metric]:.4f} "
                       f"(final model, {ev['predictions']} validation predictions)")
-    if acc.is_main_process:
-        write_json(results, out / "results.json")
-        acc.print(f"best epoch {state.best_epoch}: val perplexity {state.best_val_ppl:.3f}; plugin: {out / 'plugin'}"
-                  if state.best_val_ppl is not None else "no validation: no plugin written")
+    end_run(acc, results, out, state)
     return results
 
 

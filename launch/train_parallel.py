@@ -21,30 +21,30 @@ resume it or --overwrite replaces it.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
 import sys
+
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
-from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.experiments.devices import LAUNCHERS, detect_devices  # noqa: E402
-from mtcpeft.experiments.parallel import check_configs, parse_runs, plan_runs, run_parallel  # noqa: E402
-from mtcpeft.experiments.status import summary_table  # noqa: E402
-from tasks import TASKS  # noqa: E402
+import tasks  # noqa: F401  (registers the shipped tasks)
+from mtcpeft.cli import run_cli
+from mtcpeft.data.task import CONFIG_DIR, task_names
+from mtcpeft.experiments.devices import LAUNCHERS, detect_devices
+from mtcpeft.experiments.parallel import check_configs, parse_runs, plan_runs, run_parallel
+from mtcpeft.experiments.status import summary_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", required=True, metavar="TASK[:RUN],...",
-                    help=f"comma-separated registered tasks ({', '.join(TASKS.names())}), optionally TASK:RUN-NAME")
+                    help=f"comma-separated registered tasks ({', '.join(task_names())}), optionally TASK:RUN-NAME")
     ap.add_argument("--devices-per-task", type=int, default=1, metavar="N",
                     help="GPUs (or CPU processes) per run; N > 1 trains each run with DDP (default 1)")
     ap.add_argument("--out", default="runs/parallel", help="directory of the runs, logs and summary.json")
-    ap.add_argument("--config-dir", default=str(Path(__file__).resolve().parents[1] / "configs"),
-                    help="holds <task>_offline.yaml per task")
+    ap.add_argument("--config-dir", default=str(CONFIG_DIR), help="holds <task>_offline.yaml per task")
     ap.add_argument("--launcher", choices=LAUNCHERS, default="accelerate",
                     help="accelerate launch (default) or plain python (one process per run)")
     ap.add_argument("--set", action="append", default=[], metavar="RUN.key=value", dest="sets",
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    specs = parse_runs(args.tasks, TASKS.names())
+    specs = parse_runs(args.tasks, task_names())
     devices = detect_devices()
     plans = plan_runs(specs, devices, args.out, script=Path(__file__).resolve().with_name("train_task.py"),
                       config_dir=args.config_dir, per_task=args.devices_per_task, launcher=args.launcher,

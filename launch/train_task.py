@@ -8,78 +8,56 @@
 Positional ``key=value`` arguments override the YAML (``train.lr=3e-4``). Output directory: checkpoint/
 (atomic, resumable), plugin/ (adaptor.safetensors + plugin.json of the best validation), config.yaml,
 results.json and tensorboard events under tb/. An output_dir that holds a previous run is refused unless the
-run resumes it (train.resume=true) or replaces it (--overwrite; files mtcpeft did not write are kept).
+run resumes it (train.resume=true) or replaces it (--overwrite; files mtcpeft did not write are kept). A task of your
+own package: --task-module mypkg.mytask (see mtcpeft/data/task.py).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _require_mtcpeft  # noqa: F401  (one `error:` line if mtcpeft is not installed)
+
 import argparse
-import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # a fresh clone works without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
-from accelerate.utils import set_seed  # noqa: E402
-
-from mtcpeft.cli import run_cli  # noqa: E402
-from mtcpeft.config import load_config  # noqa: E402
-from mtcpeft.io import prepare_run_dir, write_json  # noqa: E402
-from mtcpeft.training.build import build_task_model, build_datasets, task_plugin  # noqa: E402
-from mtcpeft.training.trainer import Trainer, configure_cpu_threads, make_accelerator  # noqa: E402
-from tasks import TASKS, get_task  # noqa: E402
+import tasks  # noqa: F401  (registers the shipped tasks)
+from mtcpeft.cli import add_task_module_option, load_task_modules, run_cli, task_help
+from mtcpeft.config import load_config
+from mtcpeft.data.task import get_task, offline_config
+from mtcpeft.training.build import build_datasets, build_task_model, task_plugin
+from mtcpeft.training.run import end_run, fit_run, run_results, start_run
+from mtcpeft.training.trainer import make_accelerator
 
 
-def default_config(task: str) -> Path | None:
-    path = ROOT / "configs" / f"{task}_offline.yaml"
-    return path if path.is_file() else None
-
-
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", required=True, help=f"registered task: {', '.join(TASKS.names())}")
+    ap.add_argument("--task", required=True, help=task_help())
     ap.add_argument("--config", help="YAML config (default: configs/<task>_offline.yaml)")
     ap.add_argument("--overwrite", action="store_true", help="replace the previous run in output_dir (its plugin, "
                     "checkpoint and results; other files are kept)")
+    add_task_module_option(ap)
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 adaptor.kind=bitfit")
-    args = ap.parse_args(argv)
-    task = get_task(args.task)
-    cfg = load_config(args.config or default_config(args.task), args.overrides)
-    cfg.task = task.name
-    # before anything is built: a bad output_dir must not cost a model load and an encoding of every image
-    prepare_run_dir(cfg.output_dir, resume=cfg.train.resume, overwrite=args.overwrite,
-                    check_only=os.environ.get("RANK", "0") != "0")
+    return ap.parse_args(argv)
 
-    set_seed(cfg.seed)  # the model's trainable initialisation (projector, LoRA A) is part of the run's seed
-    configure_cpu_threads()
-    # built before the Accelerator: under ZeRO-3 transformers would otherwise load the LM already partitioned
-    model, tokenizer, layout = build_task_model(cfg, task)
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    load_task_modules(args)
+    task = get_task(args.task)
+    default = offline_config(task.name)
+    cfg = load_config(args.config or (default if default.is_file() else None), args.overrides)
+    cfg.task = task.name
+    start_run(cfg, args.overwrite)
+    model, tokenizer, layout = build_task_model(cfg, task)  # before the Accelerator (see mtcpeft/training/run.py)
     acc = make_accelerator(cfg.train, cfg.output_dir)
     with acc.main_process_first():
         data = build_datasets(cfg, task, model, tokenizer, layout, progress=acc.is_local_main_process)
     for split, (_, report) in data.items():
         acc.print(report.summary(split))
-    out = Path(cfg.output_dir)
-
-    def save_best(trainer: Trainer) -> None:
-        state = trainer.acc.get_state_dict(trainer.model)  # gathers ZeRO-3 shards; every rank must call it
-        if trainer.acc.is_main_process:
-            task_plugin(trainer.acc.unwrap_model(trainer.model), cfg, task, out / "plugin", state)
-
-    trainer = Trainer(cfg, model, data["train"][0], data["val"][0], accelerator=acc, on_best=save_best)
-    state = trainer.fit()
+    trainer, state = fit_run(cfg, model, data["train"][0], data["val"][0], acc,
+                             lambda m, out, tensors: task_plugin(m, cfg, task, out, tensors))
     trainer.finish()
-    results = {
-        "task": task.name, "best_epoch": state.best_epoch, "best_val_ppl": state.best_val_ppl,
-        "history": state.history, "trainable_parameters": trainer.num_trainable,
-        "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
-        "data": {s: vars(r) | {"bad_images": len(r.bad_images)} for s, (_, r) in data.items()},
-    }
-    if acc.is_main_process:
-        write_json(results, out / "results.json")
-        acc.print(f"best epoch {state.best_epoch}: val perplexity {state.best_val_ppl:.3f}; plugin: {out / 'plugin'}"
-                  if state.best_val_ppl is not None else "no validation: no plugin written")
+    results = {"task": task.name, **run_results(trainer, state),
+               "data": {s: vars(r) | {"bad_images": len(r.bad_images)} for s, (_, r) in data.items()}}
+    end_run(acc, results, cfg.output_dir, state)
     return results
 
 

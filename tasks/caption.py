@@ -10,15 +10,8 @@ CIDEr-D of one generated caption per image against all of its references.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from mtcpeft.config import ConfigError
-from mtcpeft.data.coco import read_coco_captions, read_karpathy
-from mtcpeft.data.easyvqa import easyvqa_captions
-
+from mtcpeft.data.sources import coco_caption_source, easyvqa_caption_source, karpathy_source
 from mtcpeft.data.task import Segment, SequenceLayout, Task, register_task
-
-CaptionLayout = SequenceLayout  # the captioning name of the shared layout
 
 
 @register_task
@@ -28,21 +21,9 @@ class CaptionTask(Task):
     generated_context = "text"
     bos_context = "text"
     uses_images = True
-    sources = ("easyvqa", "coco", "karpathy")
+    sources = {"easyvqa": easyvqa_caption_source, "coco": coco_caption_source, "karpathy": karpathy_source}
     metric = "cider"
-
-    def examples(self, split: str, data) -> list[dict]:
-        if data.source == "easyvqa":
-            return easyvqa_captions(split)
-        if data.source == "karpathy":
-            return read_karpathy(need(data.karpathy_json, "data.karpathy_json", exists=True),
-                                 need_dir(data.images, "data.images"), split)
-        if data.source == "coco":
-            key = "annotations" if split == "train" else "val_annotations"
-            images = "val_images" if split != "train" and getattr(data, "val_images", None) else "images"
-            return read_coco_captions(need(getattr(data, key), f"data.{key}", exists=True),
-                                      need_dir(getattr(data, images), f"data.{images}"))
-        raise ValueError(f"the caption task reads data.source {', '.join(self.sources)}, not {data.source!r}")
+    inputs = ("image",)
 
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:
         return [self.image_segment(layout)]
@@ -62,19 +43,3 @@ class CaptionTask(Task):
         refs = {k: sorted(v) for k, v in refs.items() if k in predictions}
         scores = caption_scores({k: v for k, v in predictions.items() if k in refs}, refs)
         return {k: v for k, v in scores.items() if not isinstance(v, dict)}
-
-
-def need(value, key: str, exists: bool = False) -> str:
-    """A required data path, or an error naming the config key to set (``exists``: the path must exist)."""
-    if not value:
-        raise ConfigError(f"{key} is not set; pass it in the config or as an override, e.g. {key}=/path/to/file")
-    if exists and not Path(value).exists():
-        raise ConfigError(f"{key}={value} does not exist; check the path (relative paths start where you run)")
-    return value
-
-
-def need_dir(value, key: str) -> str:
-    """A required image folder, or an error naming the config key."""
-    if not Path(need(value, key)).is_dir():
-        raise ConfigError(f"{key}={value} is not a folder; point it at the folder that holds the images")
-    return value

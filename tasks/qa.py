@@ -11,8 +11,8 @@ normalisation (max over the gold answers); SQuAD v2.0 unanswerable questions are
 """
 from __future__ import annotations
 
+from mtcpeft.data.sources import easyvqa_qa_source, squad_source
 from mtcpeft.data.task import Segment, SequenceLayout, Task, register_task
-from .caption import need
 
 UNANSWERABLE = "unanswerable"
 
@@ -24,25 +24,9 @@ class QATask(Task):
     generated_context = "answer"
     bos_context = "question"
     uses_images = False
-    sources = ("easyvqa", "squad")
+    sources = {"easyvqa": easyvqa_qa_source, "squad": squad_source}
     metric = "f1"
-
-    def examples(self, split: str, data) -> list[dict]:
-        return self.read(split, data)[0]
-
-    def read(self, split: str, data) -> tuple[list[dict], str]:
-        if data.source == "easyvqa":
-            from mtcpeft.data.easyvqa_tasks import easyvqa_qa
-
-            return easyvqa_qa(split), ""
-        if data.source == "squad":
-            from mtcpeft.data.squad import read_squad
-
-            key = "annotations" if split == "train" else "val_annotations"
-            path = need(getattr(data, key), f"data.{key}", exists=True)
-            examples, report = read_squad(path, keep_impossible=not (split == "train" and data.drop_impossible))
-            return examples, report.summary(split).partition(": ")[2]
-        raise ValueError(f"the qa task reads data.source {', '.join(self.sources)}, not {data.source!r}")
+    inputs = ("context", "question")
 
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:
         q = self.vocab.id("question")

@@ -10,8 +10,8 @@ dataset's ``multiple_choice_answer`` (the most common human answer).
 """
 from __future__ import annotations
 
+from mtcpeft.data.sources import easyvqa_vqa_source, vqa2_source
 from mtcpeft.data.task import Segment, SequenceLayout, Task, register_task
-from .caption import need, need_dir
 
 PROMPT = "Question: {question} Answer:"
 
@@ -23,29 +23,9 @@ class VQATask(Task):
     generated_context = "answer"
     bos_context = "question"
     uses_images = True
-    sources = ("easyvqa", "vqa2")
+    sources = {"easyvqa": easyvqa_vqa_source, "vqa2": vqa2_source}
     metric = "vqa_accuracy"
-
-    def examples(self, split: str, data) -> list[dict]:
-        return self.read(split, data)[0]
-
-    def read(self, split: str, data) -> tuple[list[dict], str]:
-        if data.source == "easyvqa":
-            from mtcpeft.data.easyvqa_tasks import easyvqa_vqa
-
-            return easyvqa_vqa(split), ""
-        if data.source == "vqa2":
-            from mtcpeft.data.vqa2 import read_vqa2
-
-            q, a = ("questions", "annotations") if split == "train" else ("val_questions", "val_annotations")
-            images = "val_images" if split != "train" and data.val_images else "images"
-            path = need(getattr(data, q), f"data.{q}", exists=True)
-            anns = getattr(data, a) and need(getattr(data, a), f"data.{a}", exists=True)
-            examples, report = read_vqa2(path, anns, need_dir(getattr(data, images), f"data.{images}"),
-                                         data.image_pattern)
-            note = report.summary(split).partition(": ")[2]
-            return examples, note + ("" if anns else f"; data.{a} is not set: questions without answers")
-        raise ValueError(f"the vqa task reads data.source {', '.join(self.sources)}, not {data.source!r}")
+    inputs = ("image", "question")
 
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:
         text = tokenizer(" " + PROMPT.format(question=example["question"].strip()), add_special_tokens=False)

@@ -12,7 +12,7 @@ from mtcpeft.data.dataset import BadImageError, check_images
 from mtcpeft.data.easyvqa import easyvqa_captions
 from tasks import get_task
 from mtcpeft.core.losses import IGNORE
-from tasks.caption import CaptionLayout
+from mtcpeft.data.packing import SequenceLayout
 from tokenizer_fixture import make_tokenizer
 
 FIX = Path(__file__).parent / "fixtures"
@@ -26,7 +26,7 @@ def tok(tmp_path_factory):
 @pytest.mark.parametrize("T, seq_len, max_cap", [(64, 128, 63), (49, 128, 63), (49, 64, 14)])  # Swin V2, EffNet
 def test_sequence_layout_positions_contexts_and_labels(tok, T, seq_len, max_cap):
     task = get_task("caption")
-    layout = CaptionLayout(T, seq_len, max_cap)
+    layout = SequenceLayout(T, seq_len, max_cap)
     cap = "a man with a red helmet on a small moped on a dirt road."
     text = tok(cap, add_special_tokens=False).input_ids
     enc = task.encode({"image_id": 1, "caption": cap}, tok, layout)
@@ -52,12 +52,12 @@ def test_sequence_layout_positions_contexts_and_labels(tok, T, seq_len, max_cap)
 
 def test_layout_rejects_budget_overflow():
     with pytest.raises(ValueError, match="seq_len 128 cannot hold"):
-        CaptionLayout(64, 128, 64)
+        SequenceLayout(64, 128, 64)
 
 
 def test_empty_caption_is_refused(tok):
     with pytest.raises(ValueError, match="empty caption target"):
-        get_task("caption").encode({"image_id": 3, "caption": "   "}, tok, CaptionLayout(4, 16, 8))
+        get_task("caption").encode({"image_id": 3, "caption": "   "}, tok, SequenceLayout(4, 16, 8))
 
 
 def _write_images(root: Path, names, size=(32, 32)):

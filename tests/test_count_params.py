@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
 from mtcpeft import ADAPTORS, ContextModel, adaptor_config
+from mtcpeft.cli import run_cli as run_main
 from mtcpeft.experiments.params import AGNOSTIC, count_adaptor_params, count_for, count_lm_params
 from mtcpeft.models import load_lm
 
@@ -171,8 +172,11 @@ def test_cli_table_and_option_checks(tmp_path, capsys):
     table = capsys.readouterr().out
     assert result["trainable"] == expected_count(cfg, "bitfit", "F", 2)
     assert f"{result['trainable']:,}" in table and "bitfit" in table and "image, text" in table
-    with pytest.raises(SystemExit, match="no --rank option"):
-        count_params.main(["--model", str(tmp_path), "--random-init", "--adaptor", "bitfit", "--rank", "8"])
+    with pytest.raises(SystemExit) as exit_:  # through run_cli, as the script's __main__ runs it
+        run_main(lambda: count_params.main(["--model", str(tmp_path), "--random-init", "--adaptor", "bitfit",
+                                            "--rank", "8"]))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and last.startswith("error: ") and "no --rank option" in last
 
 
 def test_cli_full_mode_counts_every_lm_weight(tmp_path, capsys):

@@ -45,3 +45,13 @@ def test_run_cli_prints_a_user_error_as_one_line_and_lets_bugs_through(capsys):
 
     with pytest.raises(ZeroDivisionError):
         run_cli(bug)
+
+
+def test_run_cli_ends_ctrl_c_with_status_130_and_no_traceback(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(interrupted)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -71,7 +71,7 @@ def test_task_and_unified_plugins_load_through_one_loader_reading_each_file_once
     unified = load_model(unified_dir)
     assert counts == {MANIFEST: 1, TENSORS: 1}
     assert unified.manifest.unified and unified.layout is None and set(unified.tasks) == {"caption", "qa", "vqa"}
-    assert unified.layout_for(task, layout.seq_len, layout.max_target_tokens) == layout
+    assert unified.layout_for(task, layout) == layout
     routing = unified.routing(task)
     assert routing["generated_context"] == "caption.text"
     routed = {**batch, "context_ids": routing["routes"][batch["context_ids"] + 1]}

@@ -123,3 +123,68 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_lm_dir, tmp_path,
     single = [generate_texts(model, tok, layout, task, [e], (lambda _, i=i: image_input(i)) if feats is not None
                              else None, batch_size=1, max_new_tokens=5)[0] for i, e in enumerate(examples)]
     assert batched == single
+
+
+# ------------------------------------------------------------------------------- tasks of a user's package
+@pytest.fixture
+def registry(monkeypatch):
+    """TASKS as it is, restored after the test (a user task registered here leaves no trace)."""
+    from mtcpeft.data.task import TASKS as registry
+
+    monkeypatch.setattr(registry, "_items", dict(registry._items))
+    return registry
+
+
+def test_a_task_module_of_a_user_package_registers_its_task(tmp_path, monkeypatch, registry, tok):
+    from mtcpeft.data.task import import_task_modules
+    from user_task_fixture import write_user_task
+
+    module = write_user_task(tmp_path, "mtcpeft_user_pkg_a", "user_qa")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(KeyError, match="unknown task 'user_qa'"):
+        get_task("user_qa")
+    import_task_modules([module])
+    task = get_task("user_qa")
+    assert task.name == "user_qa" and "user_qa" in registry
+    sample = {"id": "q1", "question": "what color is the shape?", "answers": ["red"]}
+    enc = task.encode(sample, tok, layout_for(task))
+    target = tok(" red", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    live = sum(enc["attention_mask"])
+    assert [t for t in enc["labels"] if t != IGNORE] == target == enc["input_ids"][live - len(target):live]
+    assert enc["context_ids"][live - len(target):live] == [task.vocab.id("reply")] * len(target)
+
+
+def test_an_entry_point_of_an_installed_package_is_found_at_lookup(tmp_path, monkeypatch, registry):
+    from mtcpeft.data.task import task_names
+    from user_task_fixture import write_user_task
+
+    write_user_task(tmp_path, "mtcpeft_user_pkg_b", "user_ep_qa", entry_point=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "user_ep_qa" not in registry and "user_ep_qa" in task_names()  # listed before it is imported
+    assert get_task("user_ep_qa").name == "user_ep_qa" and "user_ep_qa" in registry
+
+
+def test_unknown_task_names_list_the_known_ones_and_say_how_to_register(registry):
+    from mtcpeft.errors import MtcpeftError
+
+    with pytest.raises(MtcpeftError) as e:
+        get_task("nope")
+    message = str(e.value)
+    assert "unknown task 'nope'; known: caption, qa, vqa" in message
+    assert "register_task" in message and "--task-module" in message and "mtcpeft.tasks" in message
+
+
+def test_a_task_module_that_cannot_be_imported_is_named():
+    from mtcpeft.data.task import TaskModuleError, import_task_modules
+
+    with pytest.raises(TaskModuleError, match="cannot import task module 'no_such_pkg.tasks'.*PYTHONPATH"):
+        import_task_modules(["no_such_pkg.tasks"])
+
+
+def test_layout_counts_image_tokens_only_for_tasks_that_read_images():
+    from types import SimpleNamespace
+
+    data, encoder = SimpleNamespace(seq_len=96, max_target_tokens=24), SimpleNamespace(num_tokens=6)
+    assert get_task("caption").layout(data, encoder) == SequenceLayout(6, 96, 24)
+    assert get_task("qa").layout(data, encoder) == SequenceLayout(0, 96, 24)  # a text task on an image model
+    assert get_task("vqa").layout(data) == SequenceLayout(0, 96, 24)  # no encoder: no image positions

@@ -1,80 +1,50 @@
-"""What a task declares — its contexts, data sources, how an example becomes tokens, the context of generated
-tokens, and its metrics — and the one sequence packer every task shares.
+"""What a task declares — its contexts, data sources, prompt segments, target and metric — and the registry that
+finds tasks by name.
 
-Every task lays an example out as a prompt followed by a target, left-aligned and right-padded:
+A task is a small class (``tasks/caption.py`` is one screen): class attributes name its contexts and sources, and
+four methods say how one example reads (:meth:`Task.prompt_segments`, :meth:`Task.target_text`,
+:meth:`Task.example_id`) and how predictions score (:meth:`Task.score`). Packing, truncation and generation
+prompts are shared (:mod:`mtcpeft.data.packing`), and so is reading (:mod:`mtcpeft.data.sources`).
 
-    [BOS] <image tokens, if any> <prompt text ...> <target text ... [EOS]> <padding to seq_len>
-    loss only on the target (and its [EOS]); padding takes context -1 (no adaptor) and no attention.
+Registering a task of your own package (the library never imports the top-level ``tasks`` package: the launch
+scripts import it, and they hand task objects to the library):
 
-A task only lists its segments (:meth:`Task.segments`); packing, truncation and generation prompts are shared.
-Format readers live in :mod:`mtcpeft.data`, metrics in :mod:`mtcpeft.evaluation.metrics`.
+* decorate the class with :func:`register_task` and import its module before the task is named — the launch
+  scripts take ``--task-module mypkg.mytask`` (repeatable) for that; or
+* declare an entry point in the group ``mtcpeft.tasks`` of your package, named after the task, pointing at its
+  module or its class (``[project.entry-points."mtcpeft.tasks"] mytask = "mypkg.mytask:MyTask"``): it is loaded
+  the first time the name is looked up, by any script or process, with no flag.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import importlib
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import ClassVar, Iterable
 
 from mtcpeft.config import ConfigError
 from mtcpeft.core.contexts import ContextVocab
-from mtcpeft.core.losses import IGNORE  # label of positions that take no loss
 from mtcpeft.errors import MtcpeftError
-from mtcpeft.registry import Registry
+from mtcpeft.registry import Registry, UnknownNameError
+
+from .packing import EmptyTargetError, Segment, SequenceLayout, pack_example, pack_prompt
+from .sources import Reader
 
 TASKS: Registry[type["Task"]] = Registry("task")
+ENTRY_POINT_GROUP = "mtcpeft.tasks"
+HOW_TO_REGISTER = (f"a task of your own package registers with @mtcpeft.data.task.register_task: pass its module "
+                   f"as --task-module MODULE, or declare it as an entry point of the group {ENTRY_POINT_GROUP!r}")
+# the shipped configs of a source checkout; `<task>_offline.yaml` there is each task's offline default
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-class EmptyTargetError(MtcpeftError, ValueError):
-    """An example has nothing to learn (empty caption / answer); datasets count and skip these."""
-
-
-class PromptTooLongError(MtcpeftError, ValueError):
-    """An example's prompt does not fit the layout even after trimming; datasets count and skip these."""
-
-
-@dataclass(frozen=True)
-class SequenceLayout:
-    """Token budget of one example: seq_len = 1 ([BOS]) + image tokens + prompt text + target (with [EOS])."""
-
-    num_image_tokens: int = 0  # T: the vision encoder's tokens (0 for text-only tasks)
-    seq_len: int = 128
-    max_target_tokens: int = 63  # caption / answer tokens kept, counting [EOS]
-
-    def __post_init__(self):
-        if 1 + self.num_image_tokens + self.max_target_tokens > self.seq_len:
-            raise ConfigError(
-                f"seq_len {self.seq_len} cannot hold [BOS] + {self.num_image_tokens} image tokens + "
-                f"{self.max_target_tokens} target tokens; raise data.seq_len or lower data.max_target_tokens"
-            )
-
-    @property
-    def target_start(self) -> int:
-        """Where the target starts when the prompt has no text (captioning): 1 + T."""
-        return 1 + self.num_image_tokens
-
-
-@dataclass
-class Segment:
-    """A run of tokens in one context. ``image=True`` reserves ``len(ids)`` image positions; ``trim`` marks the
-    segment that is shortened from its start when the prompt does not fit (a QA passage)."""
-
-    context: int
-    ids: list[int]
-    image: bool = False
-    trim: bool = False
-
-
-def special_ids(tokenizer) -> tuple[int, int, int]:
-    """(bos, eos, pad) ids; models without a BOS or PAD token use EOS there (PAD is masked out anyway)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError("the tokenizer of model.lm has no EOS token; tasks need one to end generated text")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return bos, eos, pad
+class TaskModuleError(MtcpeftError, ImportError):
+    """A task module named on the command line or by an entry point cannot be imported."""
 
 
 class Task:
-    """Base of tasks. Subclasses set the class attributes and implement :meth:`examples`, :meth:`prompt_segments`,
+    """Base of tasks. Subclasses set the class attributes and implement :meth:`prompt_segments`,
     :meth:`target_text`, :meth:`example_id` and :meth:`score`."""
 
     name: ClassVar[str]
@@ -82,23 +52,15 @@ class Task:
     generated_context: ClassVar[str]  # context of target / generated tokens
     bos_context: ClassVar[str]  # context of the leading [BOS]
     uses_images: ClassVar[bool] = False
-    sources: ClassVar[tuple[str, ...]]  # data.source values this task reads; the first is the offline default
+    sources: ClassVar[dict[str, Reader]]  # data.source -> reader (mtcpeft.data.sources); the first: offline default
     metric: ClassVar[str]  # the headline generation metric (a key of :meth:`score`)
+    inputs: ClassVar[tuple[str, ...]] = ()  # example fields a prompt reads (launch/generate.py asks for these)
 
     @property
     def vocab(self) -> ContextVocab:
         return ContextVocab(self.contexts)
 
     # ------------------------------------------------------------------------------------- declared per task
-    def examples(self, split: str, data) -> list[dict]:  # pragma: no cover - interface
-        """Read ``split`` ("train" / "val") of the data a DataConfig names into example dicts."""
-        raise NotImplementedError
-
-    def read(self, split: str, data) -> tuple[list[dict], str]:
-        """(the examples of ``split``, what the format reader dropped in one line or ""). Tasks whose readers drop
-        records (SQuAD, VQA v2) override this and define :meth:`examples` as ``self.read(split, data)[0]``."""
-        return self.examples(split, data), ""
-
     def prompt_segments(self, example: dict, tokenizer, layout: SequenceLayout) -> list[Segment]:  # pragma: no cover
         """The segments after [BOS] and before the target (image tokens, question ...)."""
         raise NotImplementedError
@@ -115,65 +77,99 @@ class Task:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- shared
+    def read(self, split: str, data) -> tuple[list[dict], str]:
+        """(the examples of ``split`` of the data ``data.source`` names, what the reader dropped in one line)."""
+        reader = self.sources.get(data.source)
+        if reader is None:
+            raise ConfigError(f"task {self.name!r} reads data.source {' | '.join(self.sources)}, not "
+                              f"{data.source!r}; set data.source=... (configs/{self.name}_offline.yaml is a start)")
+        return reader(split, data)
+
+    def examples(self, split: str, data) -> list[dict]:
+        """The examples of ``split`` (see :meth:`read`)."""
+        return self.read(split, data)[0]
+
+    def layout(self, data, encoder=None) -> SequenceLayout:
+        """The layout of this task's examples under a data config, on a model whose vision ``encoder`` (None: a
+        text-only model) gives ``encoder.num_tokens`` image tokens; a task that reads no images gets none."""
+        return SequenceLayout.of(data, encoder.num_tokens if self.uses_images and encoder is not None else 0)
+
     def image_segment(self, layout: SequenceLayout) -> Segment:
         return Segment(self.vocab.id("image"), [0] * layout.num_image_tokens, image=True)
 
     def encode(self, example: dict, tokenizer, layout: SequenceLayout) -> dict:
         """One training example -> lists of length seq_len: input_ids, context_ids, labels, attention_mask,
         image_mask; plus ``truncated`` (bool). Raises :class:`EmptyTargetError` on an empty target and
-        :class:`PromptTooLongError` on a prompt that does not fit."""
+        :class:`~mtcpeft.data.packing.PromptTooLongError` on a prompt that does not fit."""
         target = self.target_text(example) or ""  # a leading space is kept: it is part of the first word's token
         if not target.strip():
             raise EmptyTargetError(f"empty {self.name} target for example {self.example_id(example)}")
-        bos, eos, pad = special_ids(tokenizer)
-        text = tokenizer(target, add_special_tokens=False)["input_ids"]
-        cut = len(text) > layout.max_target_tokens - 1
-        tgt = text[: layout.max_target_tokens - 1] + [eos]
-        segs, trimmed = self._fit(self.prompt_segments(example, tokenizer, layout), self._prompt_budget(layout))
-        segs.append(Segment(self.vocab.id(self.generated_context), tgt))
-        out = self._pack(segs, bos, pad, layout.seq_len, loss_from=len(segs) - 1)
-        out["truncated"] = cut or trimmed
-        return out
+        return pack_example(self.prompt_segments(example, tokenizer, layout), target,
+                            self.vocab.id(self.generated_context), self.vocab.id(self.bos_context), tokenizer, layout,
+                            self.name)
 
     def prompt(self, example: dict, tokenizer, layout: SequenceLayout) -> dict:
         """The generation prompt of one example (unpadded lists): [BOS] + prompt segments."""
-        bos, _, pad = special_ids(tokenizer)
-        segs, _ = self._fit(self.prompt_segments(example, tokenizer, layout), self._prompt_budget(layout))
-        return self._pack(segs, bos, pad, None, loss_from=None)
-
-    @staticmethod
-    def _prompt_budget(layout: SequenceLayout) -> int:
-        """Prompt tokens after [BOS]: the same in training and generation, so both see the same passage."""
-        return layout.seq_len - 1 - layout.max_target_tokens
-
-    def _fit(self, segs: list[Segment], budget: int) -> tuple[list[Segment], bool]:
-        """Shorten the ``trim`` segment from its start until the prompt fits ``budget`` tokens."""
-        over = sum(len(s.ids) for s in segs) - budget
-        if over <= 0:
-            return list(segs), False
-        trim = [s for s in segs if s.trim]
-        if not trim or len(trim[0].ids) < over:
-            raise PromptTooLongError(f"{self.name}: the prompt needs {over} more tokens than data.seq_len leaves; "
-                                     "raise data.seq_len or lower data.max_target_tokens (or shorten the text)")
-        return [Segment(s.context, s.ids[over:], s.image, s.trim) if s is trim[0] else s for s in segs], True
-
-    def _pack(self, segs: list[Segment], bos: int, pad: int, seq_len: int | None, loss_from: int | None) -> dict:
-        ids, ctx, labels, image = [bos], [self.vocab.id(self.bos_context)], [IGNORE], [False]
-        for k, s in enumerate(segs):
-            ids += [pad] * len(s.ids) if s.image else s.ids
-            ctx += [s.context] * len(s.ids)
-            labels += s.ids if loss_from is not None and k >= loss_from else [IGNORE] * len(s.ids)
-            image += [s.image] * len(s.ids)
-        n = len(ids)
-        n_pad = 0 if seq_len is None else seq_len - n
-        return {"input_ids": ids + [pad] * n_pad, "context_ids": ctx + [-1] * n_pad, "labels": labels + [IGNORE] * n_pad,
-                "attention_mask": [1] * n + [0] * n_pad, "image_mask": image + [False] * n_pad}
+        return pack_prompt(self.prompt_segments(example, tokenizer, layout), self.vocab.id(self.bos_context),
+                           tokenizer, layout, self.name)
 
 
+# ------------------------------------------------------------------------------------------------ registry
 def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: register ``cls`` under ``cls.name`` (a name registered twice is refused)."""
     return TASKS.register(cls.name)(cls)
 
 
+def import_task_modules(modules: Iterable[str]) -> None:
+    """Import each module (``mypkg.mytask``) so the tasks it registers can be named; a module that cannot be
+    imported stops with its name and the reason."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise TaskModuleError(f"cannot import task module {module!r}: {e}; check the name and that its "
+                                  "package is installed (or on PYTHONPATH)") from None
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load_entry_point(name: str) -> None:
+    """Register the task an installed package declares under ``name`` in the ``mtcpeft.tasks`` group, if any."""
+    ep = _entry_points().get(name)
+    if ep is None:
+        return
+    try:
+        obj = ep.load()  # importing the module registers its decorated tasks
+    except ImportError as e:
+        raise TaskModuleError(f"the entry point {ENTRY_POINT_GROUP}:{name} = {ep.value!r} cannot be imported: {e}"
+                              ) from None
+    if isinstance(obj, type) and issubclass(obj, Task) and obj.name not in TASKS:
+        register_task(obj)
+    if name not in TASKS:
+        raise TaskModuleError(f"the entry point {ENTRY_POINT_GROUP}:{name} = {ep.value!r} registers no task "
+                              f"{name!r}; point it at a Task subclass named {name!r} or at the module that "
+                              "registers it")
+
+
+def task_names() -> list[str]:
+    """Every task that can be named: the registered ones and those installed packages declare as entry points."""
+    return sorted(set(TASKS.names()) | set(_entry_points()))
+
+
 def get_task(name: str) -> Task:
-    """An instance of a registered task; an unknown name lists the known ones."""
+    """An instance of a registered task (an installed entry point of that name is loaded first); an unknown name
+    lists the known ones and says how to register one."""
+    if name not in TASKS:
+        _load_entry_point(name)
+    if name not in TASKS:
+        raise UnknownNameError(f"unknown task {name!r}; known: {', '.join(task_names()) or '(none)'}; "
+                               f"{HOW_TO_REGISTER}")
     return TASKS.get(name)()
+
+
+def offline_config(task: str, config_dir: str | os.PathLike | None = None) -> Path:
+    """``<config_dir>/<task>_offline.yaml`` (default: the checkout's ``configs/``): a task's offline default run
+    config. The path is returned whether or not it exists; callers decide what its absence means."""
+    return Path(config_dir if config_dir is not None else CONFIG_DIR) / f"{task}_offline.yaml"

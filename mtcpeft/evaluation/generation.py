@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from mtcpeft.data.task import special_ids
+from mtcpeft.data.packing import special_ids
 
 
 def left_pad(prompts: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence, TextIO
 
 from mtcpeft.config import ConfigError, load_config
+from mtcpeft.data.task import offline_config
 from mtcpeft.io import UnsafeWriteError, prepare_run_dir, write_json
 from .devices import LAUNCHERS, Devices, assign_devices, launch_command
 from .runner import RESULTS_FILE, PlanError, Run, RunPlan, log_tail, read_results, run_plans
@@ -91,7 +92,7 @@ def plan_runs(specs: Sequence[RunSpec], devices: Devices, out: str | os.PathLike
     plans = [RunPlan(s.name, out / s.name, out / f"{s.name}.log", task=s.task) for s in specs]
     assign_devices(plans, devices, per_task, ports)
     for plan in plans:
-        config = Path(config_dir) / f"{plan.task}_offline.yaml"
+        config = offline_config(plan.task, config_dir)
         if not config.is_file():
             raise PlanError(f"no config for task {plan.task!r}: {config} does not exist; add it or pass "
                             "--config-dir DIR holding <task>_offline.yaml")

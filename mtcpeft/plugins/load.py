@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from mtcpeft.core.model import ContextModel
-from mtcpeft.data.task import TASKS, SequenceLayout, Task, get_task
+from mtcpeft.data.packing import SequenceLayout
+from mtcpeft.data.task import TASKS, Task, get_task
 from mtcpeft.models.lm import load_lm, load_tokenizer
 from mtcpeft.models.projector import Projector
 from mtcpeft.models.vision import build_vision_encoder
@@ -44,14 +45,10 @@ class Loaded:
                               f"({', '.join(task_routes(self.manifest))}); name one")
         return get_task(self.manifest.task)
 
-    def layout_for(self, task: Task, seq_len: int, max_target_tokens: int) -> SequenceLayout:
-        """The layout of ``task``'s rows: the trained one for a task plugin, else the given budget with the
-        encoder's image tokens if the task reads images."""
-        if self.layout is not None:
-            return self.layout
-        encoder = self.model.encoder
-        images = encoder.num_tokens if task.uses_images and encoder is not None else 0
-        return SequenceLayout(images, seq_len, max_target_tokens)
+    def layout_for(self, task: Task, data) -> SequenceLayout:
+        """The layout of ``task``'s rows: the trained one for a task plugin, else the one ``data`` (a data config:
+        ``seq_len``, ``max_target_tokens``) asks for (:meth:`~mtcpeft.data.task.Task.layout`)."""
+        return self.layout if self.layout is not None else task.layout(data, self.model.encoder)
 
     def routing(self, task: Task) -> dict:
         """``{"routes", "generated_context"}``: how ``task``'s context ids reach the plugin's groups (the keyword
@@ -101,8 +98,7 @@ def load_model(plugin_dir: str | os.PathLike, lm: str | nn.Module | None = None,
     tasks = {name: get_task(name) for name in task_routes(manifest) if name in TASKS}
     layout = None
     if manifest.layout is not None and not manifest.unified:
-        layout = SequenceLayout(encoder.num_tokens if encoder is not None else 0, manifest.layout.seq_len,
-                                manifest.layout.max_target_tokens)
+        layout = SequenceLayout.of(manifest.layout, encoder.num_tokens if encoder is not None else 0)
     return Loaded(model.eval(), tokenizer, layout, tasks, manifest)
 
 

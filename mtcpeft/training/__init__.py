@@ -1,2 +1,2 @@
 """From a run config to trained adaptors: model and dataset builders, the accelerate / DeepSpeed trainer, joint
-fine-tuning and precision choice."""
+fine-tuning, precision choice and the shared start and end of a training run (:mod:`.run`)."""

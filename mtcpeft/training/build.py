@@ -11,7 +11,7 @@ from mtcpeft.config import ConfigError, RunConfig, config_to_dict
 from mtcpeft.core.contexts import ContextVocab
 from mtcpeft.core.model import ContextModel
 from mtcpeft.data.dataset import DataReport, EmptySplitError, EncodedDataset, check_images, open_image
-from mtcpeft.data.task import EmptyTargetError, PromptTooLongError
+from mtcpeft.data.packing import EmptyTargetError, PromptTooLongError
 from mtcpeft.models.lm import load_lm, load_tokenizer
 from mtcpeft.models.projector import Projector
 from mtcpeft.models.vision import build_vision_encoder, cached_features, image_transform
@@ -75,15 +75,13 @@ def build_task_model(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: C
                      images: bool | None = None):
     """(VisionLanguageModel, tokenizer, SequenceLayout) for ``task``; text-only tasks get no encoder/projector.
     ``vocab`` / ``images`` override the task's contexts and its need for images (a unified multi-task model)."""
-    from mtcpeft.data.task import SequenceLayout
-
     ctx_lm = build_context_lm(cfg, task, lm, vocab)
     encoder = projector = None
     if task.uses_images if images is None else images:
         encoder = build_vision_encoder(cfg.model.vision, cfg.model.vision_pretrained, cfg.model.image_size)
         width = ctx_lm.model.get_input_embeddings().embedding_dim
         projector = Projector(encoder.dim, width, cfg.model.projector, cfg.model.projector_dropout)
-    layout = SequenceLayout(encoder.num_tokens if encoder else 0, cfg.data.seq_len, cfg.data.max_target_tokens)
+    layout = task.layout(cfg.data, encoder)
     model = VisionLanguageModel(ctx_lm, projector, encoder)
     # taken now, while every frozen weight is whole (ZeRO-3 partitions them once the model is prepared)
     model.fingerprints = {"lm": lm_fingerprint(ctx_lm), "vision": encoder.fingerprint() if encoder else None}
@@ -92,10 +90,7 @@ def build_task_model(cfg: RunConfig, task, lm: nn.Module | None = None, vocab: C
 
 def read_split(cfg: RunConfig, task, split: str) -> tuple[list[dict], str]:
     """A split's examples and what the format reader dropped (one line, or ""), after checking the task reads
-    ``data.source``; the split's limit applied."""
-    if cfg.data.source not in task.sources:
-        raise ConfigError(f"task {task.name!r} reads data.source {' | '.join(task.sources)}, not "
-                         f"{cfg.data.source!r}; set data.source=... (configs/{task.name}_offline.yaml is a start)")
+    ``data.source`` (:meth:`~mtcpeft.data.task.Task.read`); the split's limit applied."""
     limit = {"train": cfg.data.train_limit, "val": cfg.data.val_limit}.get(split)
     examples, note = task.read(split, cfg.data)
     return examples[:limit], note

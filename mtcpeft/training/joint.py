@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import ConcatDataset, default_collate
 
 from mtcpeft.config import ConfigError, load_config
+from mtcpeft.data.task import offline_config
 from mtcpeft.models.vlm import VisionLanguageModel
 from mtcpeft.plugins.manifest import JointInfo, Manifest, save_plugin
 from mtcpeft.plugins.merge import route_map
@@ -22,10 +23,12 @@ from .build import build_datasets
 IMAGE_KEYS = ("image_features", "pixel_values")
 
 
-def task_data_config(task_name: str, joint_cfg, config_dir: str | Path, overrides: dict[str, str] | None = None):
-    """A task's data section: ``configs/<task>_offline.yaml`` (or ``overrides[task]``, a YAML path) with the joint
-    run's layout and limits (one seq_len for every task: the rows of a mixed batch are stacked)."""
-    path = (overrides or {}).get(task_name) or Path(config_dir) / f"{task_name}_offline.yaml"
+def task_data_config(task_name: str, joint_cfg, config_dir: str | Path | None = None,
+                     overrides: dict[str, str] | None = None):
+    """A task's data section: its offline default (:func:`~mtcpeft.data.task.offline_config` in ``config_dir``) or
+    ``overrides[task]`` (a YAML path), with the joint run's layout and limits (one seq_len for every task: the rows
+    of a mixed batch are stacked)."""
+    path = (overrides or {}).get(task_name) or offline_config(task_name, config_dir)
     if not Path(path).is_file():
         raise ConfigError(f"no data config for task {task_name!r}: {path} does not exist; pass --data "
                           f"{task_name}=FILE.yaml")
@@ -37,20 +40,17 @@ def task_data_config(task_name: str, joint_cfg, config_dir: str | Path, override
     return cfg
 
 
-def joint_datasets(joint_cfg, tasks: list, model: VisionLanguageModel, tokenizer, manifest: Manifest, config_dir,
-                   data_overrides: dict[str, str] | None = None, progress: bool = True):
+def joint_datasets(joint_cfg, tasks: list, model: VisionLanguageModel, tokenizer, manifest: Manifest,
+                   config_dir=None, data_overrides: dict[str, str] | None = None, progress: bool = True):
     """{"train": ConcatDataset of every task, "val": {task: dataset}, "reports": {task: {split: DataReport}},
     "layouts": {task: SequenceLayout}}; each task's context ids routed to the plugin's groups."""
-    from mtcpeft.data.task import SequenceLayout
-
-    T = model.encoder.num_tokens if model.encoder is not None else 0
     train, val, reports, layouts = [], {}, {}, {}
     for task in tasks:
         if task.uses_images and model.encoder is None:
             raise ConfigError(f"task {task.name!r} needs images but the plugin has no vision encoder/projector; merge "
                               "in a plugin of an image task (e.g. caption)")
         cfg = task_data_config(task.name, joint_cfg, config_dir, data_overrides)
-        layout = SequenceLayout(T if task.uses_images else 0, cfg.data.seq_len, cfg.data.max_target_tokens)
+        layout = task.layout(cfg.data, model.encoder)
         routes = route_map(manifest, task.name, task.contexts)
         data = build_datasets(cfg, task, model, tokenizer, layout, progress=progress, routes=routes)
         train.append(data["train"][0])
