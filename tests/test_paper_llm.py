@@ -389,5 +389,9 @@ def test_cli_table(capsys):
         assert float(percent.rstrip("%")) == pytest.approx(100 * EXPECTED[method][1] / TOTAL, abs=1e-4)
     got = count_params.main(["--table", "--model", "paper-llm", "--json"])
     assert json.loads(capsys.readouterr().out) == got
-    with pytest.raises(SystemExit, match="two contexts"):
-        count_params.main(["--table", "--model", "paper-llm", "--contexts", "image"])
+    from mtcpeft.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_:  # through run_cli, as the script's __main__ runs it
+        run_cli(lambda: count_params.main(["--table", "--model", "paper-llm", "--contexts", "image"]))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and last.startswith("error: ") and "two contexts" in last

@@ -47,8 +47,8 @@ def test_a_failed_run_reports_its_exit_status_and_error_line(tmp_path):
     empty = RunPlan("empty", tmp_path / "empty", tmp_path / "empty.log", [sys.executable, "-c", "pass"], env=dict(ENV))
     (run, run2), _ = run_plans([bad, empty], stream=io.StringIO(), poll=0.05)
     assert (run.status, run.exit_code) == ("failed", 2)
-    assert run.error == "unknown task 'nope'; known: caption, qa, vqa"
-    assert last_error_line(bad.log) == "error: unknown task 'nope'; known: caption, qa, vqa"
+    assert run.error.startswith("unknown task 'nope'; known: caption, qa, vqa; ")
+    assert last_error_line(bad.log) == "error: " + run.error
     assert (run2.status, run2.exit_code, run2.error) == ("failed", 0, "ended without writing results.json")
 
 
