@@ -51,7 +51,7 @@ def tiny_lm_dir(tmp_path_factory):
     """A saved tiny Llama (random weights) with a small BPE tokenizer: a local model folder like a real one."""
     from transformers import AutoModelForCausalLM
 
-    from tokenizer_fixture import make_tokenizer
+    from support.tokenizer import make_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_llama")
     cfg = tiny_config("llama")

@@ -103,7 +103,7 @@ def test_all_captions_empty(tiny_lm_dir, tmp_path):
     from mtcpeft.training.build import build_datasets
     from mtcpeft.data.dataset import EmptySplitError
     from mtcpeft.data.task import SequenceLayout
-    from tokenizer_fixture import make_tokenizer
+    from support.tokenizer import make_tokenizer
 
     train = coco_set(tmp_path, "train", 3, captions=["", "  ", ""])
     val = coco_set(tmp_path, "val", 2)
@@ -117,7 +117,7 @@ def test_all_captions_empty(tiny_lm_dir, tmp_path):
 def test_a_prompt_too_long_for_the_layout_is_skipped_and_counted(tmp_path):
     from mtcpeft.training.build import build_datasets
     from mtcpeft.data.task import SequenceLayout
-    from tokenizer_fixture import make_tokenizer
+    from support.tokenizer import make_tokenizer
 
     doc = json.loads((FIX / "squad_v1_mini.json").read_text())
     doc["data"][0]["paragraphs"][0]["qas"][0]["question"] = "what color is the shape? " * 40
@@ -187,7 +187,7 @@ def test_vqa_split_whose_questions_have_no_annotations(tiny_lm_dir, tmp_path, ca
 
 
 def test_joint_route_names_the_task_and_split(tiny_lm_dir, tmp_path, capsys):
-    from joint_fixture import joint_overrides, unified_plugin
+    from support.joint import joint_overrides, unified_plugin
 
     plugin = unified_plugin(tiny_lm_dir, tmp_path / "plugins")
     data = tmp_path / "qa_data.yaml"

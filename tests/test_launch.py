@@ -141,7 +141,7 @@ def test_a_task_of_a_user_package_trains_through_train_task(tiny_lm_dir, tmp_pat
     """A task defined in a package on disk (not in tasks/) is imported by --task-module, trains for two steps
     through launch/train_task.py, and its plugin names it; without the flag the name is unknown and the error
     says how to register it."""
-    from user_task_fixture import write_user_task
+    from support.user_task import write_user_task
 
     module = write_user_task(tmp_path / "site", "mtcpeft_user_pkg_c", "user_qa")
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path / "site")])}

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_helpers import error_lines, load_script, run_script
+from support.cli import error_lines, load_script, run_script
 from conftest import tiny_overrides
 from mtcpeft.io import UnsafeWriteError, atomic_dir, check_output_dir, prepare_run_dir, swap_dir
-from test_merge import _pair
+from support.plugins import plugin_pair as _pair
 
 
 def snapshot(root: Path) -> dict:

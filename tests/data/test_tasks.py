@@ -9,8 +9,8 @@ from mtcpeft.evaluation.generation import generate_texts, left_pad
 from mtcpeft.training.build import build_task_model
 from tasks import TASKS, get_task
 from mtcpeft.data.task import EmptyTargetError, SequenceLayout
-from test_train import tiny_run_config
-from tokenizer_fixture import make_tokenizer
+from support.runs import tiny_run_config
+from support.tokenizer import make_tokenizer
 
 # one example per registered task, in its reader's format; a new task must add one here
 SAMPLES = {
@@ -137,7 +137,7 @@ def registry(monkeypatch):
 
 def test_a_task_module_of_a_user_package_registers_its_task(tmp_path, monkeypatch, registry, tok):
     from mtcpeft.data.task import import_task_modules
-    from user_task_fixture import write_user_task
+    from support.user_task import write_user_task
 
     module = write_user_task(tmp_path, "mtcpeft_user_pkg_a", "user_qa")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -156,7 +156,7 @@ def test_a_task_module_of_a_user_package_registers_its_task(tmp_path, monkeypatc
 
 def test_an_entry_point_of_an_installed_package_is_found_at_lookup(tmp_path, monkeypatch, registry):
     from mtcpeft.data.task import task_names
-    from user_task_fixture import write_user_task
+    from support.user_task import write_user_task
 
     write_user_task(tmp_path, "mtcpeft_user_pkg_b", "user_ep_qa", entry_point=True)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -14,7 +14,7 @@ import torch
 from conftest import VOCAB, tiny_lm
 from mtcpeft import ContextIdsError, ContextModel, adaptor_config
 from mtcpeft.models.paper_llm import build_paper_llm
-from reference import randomize_adaptors
+from support.reference import randomize_adaptors
 
 KINDS = ["lora", "ia3", "bitfit"]
 FAMILIES = ["llama", "gpt2", "opt", "paper"]

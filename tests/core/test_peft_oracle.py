@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import FAMILIES, VOCAB, tiny_lm
 from mtcpeft import ContextModel, IA3Config, LoRAConfig
-from reference import randomize_adaptors
+from support.reference import randomize_adaptors
 
 # per family: LoRA target suffixes (as PEFT names them) and IA3 (targets, feed-forward targets)
 PEFT_TARGETS = {

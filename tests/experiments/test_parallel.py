@@ -21,7 +21,7 @@ from mtcpeft.experiments.status import progress_text
 from mtcpeft.training.progress import write_progress
 from tasks import TASKS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CAPTION_CONFIG = ROOT / "configs" / "caption_offline.yaml"
 TRAIN_TASK = ROOT / "launch" / "train_task.py"
 

@@ -15,34 +15,16 @@ from mtcpeft.core.adaptors import GroupMergeError, ties_merge
 from mtcpeft.plugins.load import load_model
 from mtcpeft.plugins.merge import (MergeError, apply_plugin, load_sources, merge_plugins, merge_to_dir,
                            parse_route, projector_tensors, route_map, route_table)
-from mtcpeft.plugins.manifest import ProjectorInfo, load_plugin, save_context_plugin, save_plugin
-from reference import randomize_adaptors
+from mtcpeft.plugins.manifest import ProjectorInfo, load_plugin, save_plugin
+from support.plugins import plugin_pair as _pair, save_source as _save, source_model as _source
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VQA = ["vqa.image=caption.image", "vqa.question=qa.question", "vqa.answer=qa.answer"]
-
-
-def _source(kind, contexts, seed, rank=4, alpha=8.0, targets="AF", family="llama", base_seed=0):
-    adaptor = LoRAConfig(rank=rank, alpha=alpha) if kind == "lora" else kind
-    model = ContextModel(tiny_lm(family, seed=base_seed), contexts, adaptor, targets).eval()
-    randomize_adaptors(model, scale=0.3, seed=seed)
-    return model
-
-
-def _save(tmp_path, model, task, targets="AF", **extra):
-    return save_context_plugin(tmp_path / task, model, task, targets, base_lm="tiny", **extra)
 
 
 def _load(plugin_dir, lm):
     """The ContextModel of a plugin over ``lm``, through the one loader."""
     return load_model(plugin_dir, lm).model.lm
-
-
-def _pair(tmp_path, kind="lora", qa_rank=4, qa_alpha=8.0, family="llama", caption_targets="AF", qa_targets="AF"):
-    caption = _source(kind, "image,text", 1, targets=caption_targets, family=family)
-    qa = _source(kind, "question,answer", 2, rank=qa_rank, alpha=qa_alpha, targets=qa_targets, family=family)
-    return (caption, _save(tmp_path, caption, "caption", caption_targets, generated_context="text"),
-            qa, _save(tmp_path, qa, "qa", qa_targets, generated_context="answer"))
 
 
 def _logits(model, ids, ctx):

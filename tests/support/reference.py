@@ -50,3 +50,13 @@ def randomize_adaptors(model, scale: float = 0.5, seed: int = 0) -> None:
             if p.requires_grad:
                 noise = torch.randn(p.shape, generator=g) * scale
                 p.copy_(1.0 + noise if "ia3" in name else noise)
+
+
+def manual_greedy(m, ids, ctx, steps, gen_ctx):
+    """Independent oracle: full-sequence forwards, no cache, contexts grown by hand."""
+    for _ in range(steps):
+        logits = m(ids, context_ids=ctx).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        ctx = torch.cat([ctx, torch.full_like(nxt, gen_ctx)], 1)
+    return ids

@@ -13,9 +13,9 @@ from mtcpeft.data.easyvqa import easyvqa_captions
 from tasks import get_task
 from mtcpeft.core.losses import IGNORE
 from mtcpeft.data.packing import SequenceLayout
-from tokenizer_fixture import make_tokenizer
+from support.tokenizer import make_tokenizer
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ trained from a fixed corpus and the data are easy-VQA's real images.
 
 If a change is meant to move the numbers (a new default, a fixed bug), regenerate and say why in the commit::
 
-    MTCPEFT_REGEN_LOSSES=1 python -m pytest tests/test_loss_regression.py
+    MTCPEFT_REGEN_LOSSES=1 python -m pytest tests/training/test_loss_regression.py
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 from conftest import tiny_config, tiny_overrides
 
-STORED = Path(__file__).parent / "fixtures" / "loss_regression.json"
+STORED = Path(__file__).resolve().parents[1] / "fixtures" / "loss_regression.json"
 RTOL = 2e-4  # summation order across thread counts; a real change moves the losses by far more
 
 
@@ -47,7 +47,7 @@ def fixed_lm_dir(tmp_path_factory):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from tokenizer_fixture import make_tokenizer
+    from support.tokenizer import make_tokenizer
 
     d = tmp_path_factory.mktemp("fixed_llama")
     cfg = tiny_config("llama")

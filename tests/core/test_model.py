@@ -7,7 +7,7 @@ import torch
 from conftest import FAMILIES, VOCAB, tiny_lm
 from mtcpeft import ContextIdsError, ContextModel, TargetError, adaptor_config
 from mtcpeft.core.adaptors import ADAPTORS, ContextLayer
-from reference import naive_adapt, randomize_adaptors
+from support.reference import manual_greedy, naive_adapt, randomize_adaptors
 
 KINDS = [k for k in ADAPTORS.names() if ADAPTORS.get(k).layer_cls is not None]
 CONTEXTS = "image,question,answer"
@@ -82,16 +82,6 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(family, kind):
     torch.testing.assert_close(loss, loss2)
     for n, p in trainable(m).items():
         torch.testing.assert_close(ref[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
-
-
-def manual_greedy(m, ids, ctx, steps, gen_ctx):
-    """Independent oracle: full-sequence forwards, no cache, contexts grown by hand."""
-    for _ in range(steps):
-        logits = m(ids, context_ids=ctx).logits[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-        ctx = torch.cat([ctx, torch.full_like(nxt, gen_ctx)], 1)
-    return ids
 
 
 @pytest.mark.parametrize("family", FAMILIES)

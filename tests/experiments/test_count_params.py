@@ -18,7 +18,7 @@ from mtcpeft.cli import run_cli as run_main
 from mtcpeft.experiments.params import AGNOSTIC, count_adaptor_params, count_for, count_lm_params
 from mtcpeft.models import load_lm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "count_params.py"
 RANK = 4
 CONTEXTS = {1: [AGNOSTIC], 2: ["image", "text"]}

@@ -12,7 +12,7 @@ from mtcpeft import ContextModel, LoRAConfig
 from mtcpeft.plugins.load import load_model
 from mtcpeft.plugins.manifest import (MANIFEST, TENSORS, AdaptorInfo, Manifest, PluginError, check_compatible,
                                       lm_fingerprint, load_plugin, save_context_plugin, save_plugin)
-from reference import randomize_adaptors
+from support.reference import randomize_adaptors
 
 
 def _model(kind="lora", contexts="image,text", seed=0, **opts):

@@ -13,7 +13,7 @@ import mtcpeft.training.trainer as train_mod
 from mtcpeft.training.build import build_datasets, build_task_model
 from mtcpeft.training.trainer import CHECKPOINT, STATE_FILE, Trainer, recover_checkpoint
 from tasks import get_task
-from test_train import tiny_run_config, trainable
+from support.runs import tiny_run_config, trainable
 
 SAVE_EVERY = ["train.save_every_steps=2"]  # saves at steps 2, 4, 6 (epoch end), ...: the kill hits the one at 4
 

@@ -16,7 +16,7 @@ from mtcpeft.evaluation.heatmap import (
     sublist_index,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script(name: str):
@@ -100,7 +100,7 @@ def test_encoder_grid_and_sublists():
 # ------------------------------------------------------------------------------------------------ spans
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tokenizer_fixture import make_tokenizer
+    from support.tokenizer import make_tokenizer
 
     return make_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=400)  # merges: ' red', ' circle', ...
 

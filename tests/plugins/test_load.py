@@ -7,7 +7,7 @@ import safetensors.torch
 import torch
 
 from conftest import tiny_overrides
-from joint_fixture import LAYOUT, VQA_ROUTES
+from support.joint import LAYOUT, VQA_ROUTES
 from mtcpeft.config import load_config
 from mtcpeft.plugins import manifest as manifest_module
 from mtcpeft.plugins.load import load_model

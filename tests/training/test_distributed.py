@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from joint_fixture import joint_overrides, unified_plugin
+from support.joint import joint_overrides, unified_plugin
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 EXPECTED = {"ddp": ("DistributedType.MULTI_CPU", None), "zero2": ("DistributedType.DEEPSPEED", 2),
             "zero3": ("DistributedType.DEEPSPEED", 3)}

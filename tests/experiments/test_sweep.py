@@ -19,7 +19,7 @@ from mtcpeft.experiments.sweep import plan_runs, run_sweep
 from mtcpeft.experiments.sweep_results import collect_rows
 from mtcpeft.experiments.sweep_spec import SweepError, load_sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 BASE = ROOT / "configs" / "caption_offline.yaml"
 

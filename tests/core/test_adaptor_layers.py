@@ -6,7 +6,7 @@ from transformers.pytorch_utils import Conv1D
 
 from mtcpeft.core.adaptors import ADAPTORS, ContextIA3Layer, adaptor_config
 from mtcpeft.core.contexts import Router
-from reference import naive_adapt, randomize_adaptors
+from support.reference import naive_adapt, randomize_adaptors
 
 KINDS = [k for k in ADAPTORS.names() if ADAPTORS.get(k).layer_cls is not None]
 C = 4

@@ -19,8 +19,7 @@ from mtcpeft.models.paper_llm import (
     MODEL_TYPE, PaperLLMConfig, PaperLLMForCausalLM, build_paper_llm, paper_llm_config,
 )
 from mtcpeft.experiments.params import AGNOSTIC, FULL_FT, count_for, param_table
-from reference import naive_adapt, randomize_adaptors
-from test_model import manual_greedy
+from support.reference import manual_greedy, naive_adapt, randomize_adaptors
 
 # ------------------------------------------------------------------------------------ the paper's numbers
 L, D, HEADS, F_HALF, V = 12, 768, 12, 3072, 50272
@@ -374,7 +373,7 @@ def test_cli_table(capsys):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "launch"
+    script = Path(__file__).resolve().parents[2] / "launch"
     sys.path.insert(0, str(script))
     try:
         import count_params

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from cli_helpers import error_lines, run_script
+from support.cli import error_lines, run_script
 from conftest import tiny_lm, tiny_overrides
 from mtcpeft import ContextModel, LoRAConfig
 from mtcpeft.plugins.manifest import PluginError, load_plugin, save_context_plugin
 from mtcpeft.training.trainer import DivergenceError, Trainer
-from test_train import run, tiny_run_config
+from support.runs import run, tiny_run_config
 
 
 def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tiny_lm_dir, tmp_path, capsys):

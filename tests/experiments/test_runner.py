@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_overrides
 from mtcpeft.experiments.runner import RunPlan, last_error_line, run_plans
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_TASK = ROOT / "launch" / "train_task.py"
 ENV = {"OMP_NUM_THREADS": "1", "MTCPEFT_THREADS": "1"}
 # a run that takes a moment and leaves results.json, as a finished training run does

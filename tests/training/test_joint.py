@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from joint_fixture import joint_overrides, unified_plugin
+from support.joint import joint_overrides, unified_plugin
 from mtcpeft.config import load_config
 from mtcpeft.plugins.load import load_model
 from mtcpeft.training.joint import joint_datasets, mixed_collate
@@ -17,7 +17,7 @@ def launch_module(name: str):
     """A launch script as a module (by path: ``evaluate`` would otherwise clash with the pip package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", Path(__file__).resolve().parents[1] / "launch" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", Path(__file__).resolve().parents[2] / "launch" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -30,7 +30,7 @@ def test_a_mixed_batch_gives_each_row_what_it_gets_alone(tiny_lm_dir, tmp_path):
     model.eval()
     cfg = load_config(None, joint_overrides(tmp_path / "joint"))
     tasks = [get_task(n) for n in ("vqa", "caption", "qa")]
-    data = joint_datasets(cfg, tasks, model, tok, manifest, Path(__file__).resolve().parents[1] / "configs",
+    data = joint_datasets(cfg, tasks, model, tok, manifest, Path(__file__).resolve().parents[2] / "configs",
                           progress=False)
     sets = data["train"].datasets
     items = [sets[0][0], sets[1][0], sets[2][0], sets[2][1], sets[0][1]]  # vqa, caption, qa, qa, vqa
@@ -73,7 +73,7 @@ def test_evaluating_a_task_through_the_unified_plugin_equals_its_own_plugin(tiny
     own perplexity and generations."""
     evaluate_cli = launch_module("evaluate")
 
-    from joint_fixture import LAYOUT
+    from support.joint import LAYOUT
 
     unified = unified_plugin(tiny_lm_dir, tmp_path)
     common = ["--task", "qa", "--limit", "6", "--batch-size", "3", *LAYOUT]

@@ -1,33 +1,13 @@
 """The caption trainer end to end on a tiny random LM + tiny timm encoder over easy-VQA images."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from mtcpeft.config import RunConfig, load_config
 from mtcpeft.plugins.load import load_model
 from mtcpeft.training.build import build_task_model, build_datasets, task_plugin
-from mtcpeft.training.trainer import Trainer
-from conftest import tiny_overrides
+from support.runs import run, tiny_run_config, trainable
 from tasks import get_task
-
-
-def tiny_run_config(lm_dir: str, out: Path, *overrides: str) -> RunConfig:
-    return load_config(None, [*tiny_overrides(lm_dir, out), *overrides])
-
-
-def run(cfg, on_best=None):
-    task = get_task("caption")
-    torch.manual_seed(cfg.seed)
-    model, tok, layout = build_task_model(cfg, task)
-    data = build_datasets(cfg, task, model, tok, layout, progress=False)
-    trainer = Trainer(cfg, model, data["train"][0], data["val"][0], on_best=on_best)
-    return trainer, task
-
-
-def trainable(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_few_steps_lower_validation_perplexity_and_leave_a_plugin(tiny_lm_dir, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mtcpeft.cli import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script(name: str):

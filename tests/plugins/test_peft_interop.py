@@ -16,9 +16,9 @@ from mtcpeft.plugins.manifest import load_plugin, save_context_plugin
 from mtcpeft.plugins.load import load_model
 from mtcpeft.plugins.merge import apply_plugin
 from mtcpeft.plugins.peft import InteropError, export_peft, import_peft, peft_plugin
-from reference import randomize_adaptors
+from support.reference import randomize_adaptors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PEFT_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "opt": ["q_proj", "out_proj", "fc1"],
                 "gpt2": ["c_attn", "mlp.c_proj"]}
 

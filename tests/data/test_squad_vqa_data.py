@@ -16,7 +16,7 @@ from mtcpeft.data.squad import BadAnswerError, read_squad
 from mtcpeft.data.vqa2 import read_vqa2
 from mtcpeft.evaluation.metrics import vqa_accuracy
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
 V1, V2 = FIX / "squad_v1_mini.json", FIX / "squad_v2_mini.json"
 VQ, VA = FIX / "vqa2_mini_questions.json", FIX / "vqa2_mini_annotations.json"
 PLAIN = "{image_id:012d}.jpg"
