@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     ap.add_argument("--question", help="question (vqa, qa)")
     ap.add_argument("--passage", help="passage the question is about (qa)")
-    ap.add_argument("--request", nargs="+", action="append", default=[], metavar="TASK FIELD=VALUE",
+    ap.add_argument("--request", nargs="+", action="append", default=[], metavar=("TASK", "FIELD=VALUE"),
                     help="a request of any task the plugin serves: TASK then image=FILE, question=TEXT, "
                          "passage=TEXT (repeat for several)")
     ap.add_argument("--requests", action="append", default=[], metavar="FILE",

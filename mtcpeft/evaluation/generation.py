@@ -62,11 +62,11 @@ def stack_images(images: list[dict | None], encoder) -> dict[str, torch.Tensor]:
         return {}
     keys = {next(iter(im)) for im in given}
     key = keys.pop() if len(keys) == 1 else "image_features"
-    if key == "image_features":
+    if len(keys) > 1:
+        dtype = next(im["image_features"] for im in given if "image_features" in im).dtype
         with torch.no_grad():
-            images = [im if im is None or "image_features" in im else
-                      {"image_features": encoder(im["pixel_values"].unsqueeze(0).to(_device(encoder)))[0].cpu()}
-                      for im in images]
+            images = [im if im is None or "image_features" in im else {"image_features": encoder(
+                im["pixel_values"].unsqueeze(0).to(_device(encoder)))[0].to("cpu", dtype)} for im in images]
         given = [im for im in images if im is not None]
     blank = torch.zeros_like(given[0][key])
     return {key: torch.stack([blank if im is None else im[key] for im in images])}

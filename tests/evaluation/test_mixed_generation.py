@@ -15,6 +15,7 @@ from support.cli import ROOT, error_lines, run_script
 from support.joint import LAYOUT, unified_plugin
 from mtcpeft.config import load_config
 from mtcpeft.data.packing import special_ids
+from mtcpeft.data.task import offline_config
 from mtcpeft.evaluation.generation import generate_texts, left_pad, stack_images
 from mtcpeft.evaluation.requests import Request, RequestError, generate_requests, read_requests, request_from_words
 from mtcpeft.models.vision import image_transform
@@ -231,6 +232,10 @@ def test_the_launch_script_reads_jsonl_keeps_single_task_usage_and_names_mistake
     code, texts, _ = run_script("generate.py", ["--plugin", plugin, "--max-new-tokens", "6", "--batch-size", "4",
                                                 *LAYOUT, *request_words(requests)], capsys)
     assert code == 0 and texts == want  # two batches (4 + 2 requests): the same texts
+    # without overrides a unified plugin lays each task out as its offline config says
+    qa = Request("qa", passage=PASSAGES[0], question="what color is the circle?")
+    code, texts, _ = run_script("generate.py", ["--plugin", plugin, *request_words([qa])], capsys)
+    assert code == 0 and texts == generate_requests(unified, [qa], {"qa": load_config(offline_config("qa")).data})
     # the single-task usage keeps working on a task plugin
     alone = generate_requests(load_model(caption_dir), [Request("caption", image=images[0])], max_new_tokens=4)
     code, texts, _ = run_script("generate.py", ["--plugin", caption_dir, "--image", images[0], "--max-new-tokens", "4"],
