@@ -136,6 +136,15 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
         save_file(flat, str(tmp), metadata=metadata)
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object some run wrote (results, status, progress), or {} when the file is missing or unreadable:
+    for watchers and tables, which show a run that has not written yet as empty, never fail on it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def write_json(obj, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -8,7 +8,6 @@ errors, and stops every child cleanly on Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from mtcpeft.errors import MtcpeftError
-from mtcpeft.io import previous_run
+from mtcpeft.io import previous_run, read_json
 from mtcpeft.training.progress import read_progress
 
 RESULTS_FILE = "results.json"  # what a finished training run leaves (launch/train_task.py)
@@ -66,10 +65,7 @@ class RunPlan:
 
 def read_results(output_dir: Path) -> dict:
     """What a finished run wrote to its ``results.json`` ({} when it wrote nothing)."""
-    try:
-        return json.loads((Path(output_dir) / RESULTS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_json(Path(output_dir) / RESULTS_FILE)
 
 
 def resume_action(output_dir: Path) -> str:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from mtcpeft.io import atomic_path
+from mtcpeft.io import atomic_path, read_json
 from .runner import RunPlan, read_results
 from .sweep_spec import FULL
 
@@ -21,10 +20,7 @@ COLUMNS = ("run", "adaptor", "rank", "targets", "agnostic", "trainable_params", 
 
 def read_status(output_dir: Path) -> dict:
     """What the sweep recorded of a run's last attempt ({} before any)."""
-    try:
-        return json.loads((Path(output_dir) / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_json(Path(output_dir) / STATUS_FILE)
 
 
 def run_row(plan: RunPlan) -> dict:

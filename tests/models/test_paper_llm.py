@@ -19,6 +19,7 @@ from mtcpeft.models.paper_llm import (
     MODEL_TYPE, PaperLLMConfig, PaperLLMForCausalLM, build_paper_llm, paper_llm_config,
 )
 from mtcpeft.experiments.params import AGNOSTIC, FULL_FT, count_for, param_table
+from support.cli import load_script
 from support.reference import manual_greedy, naive_adapt, randomize_adaptors
 
 # ------------------------------------------------------------------------------------ the paper's numbers
@@ -370,15 +371,7 @@ def test_count_for_resolves_the_name():
 
 
 def test_cli_table(capsys):
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "launch"
-    sys.path.insert(0, str(script))
-    try:
-        import count_params
-    finally:
-        sys.path.remove(str(script))
+    count_params = load_script("count_params.py")
     count_params.main(["--table", "--model", "paper-llm"])
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 2 + len(EXPECTED) and table[0].startswith("| method |") and f"{TOTAL:,}" in table[0]
