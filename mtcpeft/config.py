@@ -143,17 +143,18 @@ class AdaptorSpec:
             setattr(self, k, v)
 
 
-SOURCES = ("easyvqa", "coco", "karpathy", "squad", "vqa2")
+SOURCES = ("easyvqa", "coco", "karpathy", "squad", "vqa2", "hf")
 # files each source needs for training; "val_*" twins are needed for validation (easyvqa needs nothing)
 SOURCE_KEYS = {"coco": ("annotations", "images"), "karpathy": ("karpathy_json", "images"),
-                "squad": ("annotations",), "vqa2": ("questions", "annotations", "images")}
+                "squad": ("annotations",), "vqa2": ("questions", "annotations", "images"), "hf": ("hf_path",)}
 
 
 @dataclass
 class DataConfig:
     """Where examples come from and how they are laid out. Which sources a task reads: ``tasks/<task>.py``."""
 
-    source: str = "easyvqa"  # easyvqa (packaged, offline) | coco | karpathy (captions) | squad (QA) | vqa2 (VQA)
+    source: str = "easyvqa"  # easyvqa (packaged, offline) | coco | karpathy (captions) | squad (QA) | vqa2 (VQA) |
+    #   hf (a Hugging Face `datasets` split, any task: the hf_* keys)
     annotations: str | None = None  # training annotations: COCO captions JSON | SQuAD JSON or a saved HF
     #   `datasets` folder / JSON-lines of its rows | VQA v2 annotations JSON
     val_annotations: str | None = None  # the same for validation
@@ -164,6 +165,13 @@ class DataConfig:
     image_pattern: str = "auto"  # VQA v2 image file name, with {image_id} and {subtype} (the questions file's
     #   data_subtype, e.g. train2014), e.g. "COCO_{subtype}_{image_id:012d}.jpg"; "auto": that or "{image_id:012d}.jpg"
     karpathy_json: str | None = None  # dataset_coco.json of the Karpathy split (source karpathy)
+    hf_path: str | None = None  # source hf: a hub id, a save_to_disk folder, an imagefolder / data folder, or a
+    #   parquet / JSON-lines / CSV file or glob
+    hf_name: str | None = None  # source hf: the hub dataset's config name
+    hf_train_split: str = "train"  # source hf: the split trained on
+    hf_val_split: str = "validation"  # source hf: the split validated on
+    hf_columns: dict[str, str] | None = None  # source hf: {example field: column} where the task's defaults (the
+    #   common hub schemas) do not fit, e.g. {image: img, caption: text}
     drop_impossible: bool = True  # SQuAD v2.0: leave out unanswerable questions when training
     seq_len: int = 128  # tokens per example after padding
     max_target_tokens: int = 63  # caption / answer tokens kept, counting [EOS]
@@ -190,6 +198,10 @@ class DataConfig:
 
     def describe(self, split: str) -> str:
         """Where ``split``'s examples come from: ``"data.source=coco val (data.val_annotations=..., ...)"``."""
+        if self.source == "hf":
+            split_name = self.hf_train_split if split == "train" else self.hf_val_split
+            name = f", data.hf_name={self.hf_name}" if self.hf_name else ""
+            return f"data.source=hf {split} (data.hf_path={self.hf_path}{name}, split {split_name!r})"
         paths = []
         for key in SOURCE_KEYS.get(self.source, ()):
             val = f"val_{key}"
@@ -292,6 +304,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
                 value = float(value)
         if isinstance(value, _SCALARS[tp]) and (tp is bool or not isinstance(value, bool)):  # True is no number
             return float(value) if tp is float else value
+    elif origin is dict and isinstance(value, dict):
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     elif origin in (tuple, list) and isinstance(value, (list, tuple)):
         item_types = [args[0]] * len(value) if origin is list or args[1:] == (Ellipsis,) else args
         if len(item_types) == len(value):
