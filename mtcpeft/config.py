@@ -373,8 +373,13 @@ def _set_override(data: dict, text: str, cls) -> None:
                           "data.train_limit=null")
     *sections, leaf = key.split(".")
     node, node_cls, prefix = data, cls, ""
-    for section in sections:
+    for n, section in enumerate(sections):
         tp = _fields(node_cls).get(section)
+        if n == len(sections) - 1 and _dict_value_type(tp) is not None:  # data.hf_columns.image=img: one entry
+            if not isinstance(node.get(section), dict):
+                node[section] = {}
+            node, tp = node[section], _dict_value_type(tp)
+            break
         if not dataclasses.is_dataclass(tp):
             if tp is None:
                 raise _unknown_key(cls, node_cls, prefix, section)
@@ -385,9 +390,10 @@ def _set_override(data: dict, text: str, cls) -> None:
         if not isinstance(child, dict):  # let _build report the bad section
             return
         node, node_cls, prefix = child, tp, f"{prefix}{section}."
-    tp = _fields(node_cls).get(leaf)
-    if tp is None:
-        raise _unknown_key(cls, node_cls, prefix, leaf)
+    else:
+        tp = _fields(node_cls).get(leaf)
+        if tp is None:
+            raise _unknown_key(cls, node_cls, prefix, leaf)
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
@@ -395,6 +401,14 @@ def _set_override(data: dict, text: str, cls) -> None:
     if value is not None and not isinstance(value, str) and _is_str_field(tp):
         value = raw.strip()  # output_dir=2024 or data.images=no: a string field keeps the text as typed
     node[leaf] = value
+
+
+def _dict_value_type(tp):
+    """The value annotation of a ``dict[K, V]`` (or ``dict[K, V] | None``) field, else None."""
+    for t in (tp, *typing.get_args(tp)):
+        if typing.get_origin(t) is dict:
+            return (typing.get_args(t) or (Any, Any))[1]
+    return None
 
 
 def _is_str_field(tp) -> bool:

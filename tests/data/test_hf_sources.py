@@ -224,6 +224,9 @@ def test_config_keys_of_the_hf_source():
     cfg = load_config(None, ["data.source=hf", "data.hf_path=org/data", "data.hf_columns={image: img}"])
     assert cfg.data.hf_columns == {"image": "img"}
     assert cfg.data.describe("val") == "data.source=hf val (data.hf_path=org/data, split 'validation')"
+    cfg = load_config(None, ["data.source=hf", "data.hf_path=x", "data.hf_columns={image: img}",
+                             "data.hf_columns.caption=2024"])  # one entry; a str value keeps the text as typed
+    assert cfg.data.hf_columns == {"image": "img", "caption": "2024"}
     with pytest.raises(ConfigError, match="hf_path"):
         load_config(None, ["data.source=hf"])
     with pytest.raises(ConfigError, match=r"data.hf_columns. expects dict\[str, str\]"):
