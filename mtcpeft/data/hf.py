@@ -17,6 +17,7 @@ are relative to a local ``hf_path``'s folder) or of bytes. A file stays a path; 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def load_split(path: str, name: str | None, split: str, key: str = "hf_train_spl
         if split not in saved:
             raise _splits_error(f"data.hf_path={path}", split, saved, key)
         return saved[split]
-    files = local.is_file() or any(c in path for c in "*?[")
+    files = local.is_file() or _is_glob(path)
     if files:
         suffix = "".join(Path(path).suffixes[-1:]).lower()
         if suffix not in BUILDERS:
@@ -135,6 +136,12 @@ def local_base(path: str) -> str | None:
     p = Path(path)
     if p.is_dir():
         return str(p)
-    if p.is_file() or any(c in path for c in "*?["):
-        return str(Path(path.split("*")[0]).parent if "*" in path else p.parent)
+    if p.is_file():
+        return str(p.parent)
+    if _is_glob(path):  # the folder above the first pattern part: data/*/x.parquet -> data
+        return str(Path(*itertools.takewhile(lambda part: not _is_glob(part), p.parts[:-1])))
     return None
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")

@@ -100,19 +100,17 @@ def hf_vqa(ds, mapping: dict | None, key: str, base: str | None) -> list[dict]:
 
 def hf_rows(ds, mapping: dict | None, key: str, base: str | None) -> list[dict]:
     """One example per row for any task: every column under its field name (``data.hf_columns`` renames), the
-    ``image`` field as an image reference."""
+    ``image`` field (else the first ``datasets.Image`` column) as an image reference."""
     import datasets
 
-    mapping = dict(mapping or {})
-    if "image" not in mapping and "image" not in ds.column_names:
-        found = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
-        mapping.update({"image": found[0]} if found else {})
-    cols = columns(ds, {}, (), mapping)
-    names = {c: c for c in ds.column_names} | {c: f for f, c in cols.items()}
-    rows = [{names[c]: v for c, v in r.items()} for r in ds.remove_columns([c for c in (cols.get("image"),
-                                                                                       "image") if c in ds.column_names])]
-    image_col = cols.get("image", "image" if "image" in ds.column_names else None)
-    if image_col:
-        for r, image in zip(rows, image_refs(ds, image_col, key, base)):
-            r["image"] = image
-    return rows
+    images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+    wanted = {"image": ("image", *images)}
+    cols = columns(ds, wanted, (), mapping)
+    field = {c: c for c in ds.column_names} | {c: f for f, c in cols.items()}
+    image = cols.get("image")
+    rows = ds.remove_columns([image]) if image else ds
+    out = [{field[c]: v for c, v in row.items()} for row in rows]
+    if image:
+        for example, ref in zip(out, image_refs(ds, image, key, base)):
+            example["image"] = ref
+    return out

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_overrides
 from mtcpeft.config import ConfigError, DataConfig, load_config
 from mtcpeft.data.coco import read_coco_captions
 from mtcpeft.data.dataset import check_images, open_image
@@ -22,6 +23,7 @@ from mtcpeft.data.task import get_task
 from mtcpeft.data.vqa2 import read_vqa2
 from mtcpeft.training.build import build_datasets, build_task_model
 from mtcpeft.training.trainer import Trainer
+from support.cli import run_script
 from support.runs import tiny_run_config
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
@@ -85,7 +87,7 @@ def test_caption_path_column_in_parquet_csv_and_json_lines(coco):
     one_per_row = {"image_id": [e["image_id"] for e in expected], "file": [f"img/{e['image_id']}.png" for e in expected],
                    "text": [e["caption"] for e in expected]}
     datasets.Dataset.from_dict(one_per_row).to_csv(root / "caps.csv", index=False)
-    for name in ("caps.parquet", "caps.jsonl", "caps.csv"):
+    for name in ("caps.parquet", "caps.jsonl", "caps.csv", "c*.parquet"):  # the last: a glob
         examples, _ = _read("caption", hf_path=str(root / name), hf_columns={"image": "file"})
         assert examples == expected, name  # the same paths: nothing is copied or decoded
 
@@ -268,3 +270,19 @@ def test_train_vqa_from_imagefolder_with_augmentation(tiny_lm_dir, tmp_path, vqa
     (root / "img" / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
     data = _train(tiny_lm_dir, tmp_path / "run", "vqa", f"data.hf_path={root / 'img'}", "data.augment=true")
     assert data["train"][0][0]["pixel_values"].shape[0] == 3  # pixels loaded per item, not cached
+
+
+def test_scripts_train_then_evaluate_on_rows_of_a_table(tiny_lm_dir, tmp_path, capsys):
+    """train_task.py and evaluate.py (which reads the plugin's data config) on images held as bytes in a table."""
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": _png(c), "path": None} for c in COLOURS],
+                                     "captions": CAPTIONS}).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(tmp_path / "saved")
+    out = tmp_path / "run"
+    code, _, err = run_script("train_task.py", ["--task", "caption", *tiny_overrides(tiny_lm_dir, out),
+                                                "data.source=hf", f"data.hf_path={tmp_path / 'saved'}",
+                                                "train.max_steps=2", "train.mixed_precision=no"], capsys)
+    assert code == 0, err
+    code, _, err = run_script("evaluate.py", ["--task", "caption", "--plugin", out / "plugin", "--limit", "4"], capsys)
+    assert code == 0, err
+    ev = json.loads((out / "eval_val.json").read_text())
+    assert ev["data"]["kept"] == 4 and ev["samples"][0]["image"] == f"{tmp_path / 'saved'}[validation][0]"
