@@ -21,6 +21,8 @@ import itertools
 import os
 from pathlib import Path
 
+from mtcpeft.errors import MtcpeftError
+
 from .image_ref import RowImage
 from .records import DataFormatError
 
@@ -29,6 +31,10 @@ BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "c
 
 class MissingColumnError(DataFormatError):
     """A field's column is not in the dataset; the message lists the columns it has."""
+
+
+class DatasetUnreachableError(MtcpeftError, ConnectionError):
+    """A hub dataset cannot be reached (offline, or no network) and is not in the local cache."""
 
 
 class MissingSplitError(DataFormatError):
@@ -76,8 +82,12 @@ def load_split(path: str, name: str | None, split: str, key: str = "hf_train_spl
     except ValueError as e:
         if "Unknown split" not in str(e):
             raise DataFormatError(f"data.hf_path={path}: {e}") from None
-        splits = str(e).rpartition("one of")[2].strip(" .[]").replace("'", "").split(", ")
+        splits = datasets.get_dataset_split_names(*args, **kwargs)
         raise _splits_error(f"data.hf_path={path}", split, splits, key) from None
+    except ConnectionError as e:
+        raise DatasetUnreachableError(f"data.hf_path={path}: cannot reach the Hugging Face hub ({e}); load it once "
+                                      "online (datasets caches it; HF_DATASETS_OFFLINE=1 then reads the cache) or point "
+                                      "data.hf_path at a local copy") from None
     except FileNotFoundError as e:
         raise DataFormatError(f"data.hf_path={path} is neither a local file or folder nor a dataset the hub (or "
                               f"its offline cache) has: {e}") from None

@@ -15,7 +15,7 @@ from conftest import tiny_overrides
 from mtcpeft.config import ConfigError, DataConfig, load_config
 from mtcpeft.data.coco import read_coco_captions
 from mtcpeft.data.dataset import check_images, open_image
-from mtcpeft.data.hf import MissingColumnError, MissingSplitError
+from mtcpeft.data.hf import DatasetUnreachableError, MissingColumnError, MissingSplitError
 from mtcpeft.data.image_ref import RowImage
 from mtcpeft.data.sources import hf_rows_source
 from mtcpeft.data.squad import read_squad
@@ -220,6 +220,13 @@ def test_wrong_split_lists_the_splits(tmp_path):
         _read("caption", "val", hf_path=str(tmp_path / "saved"))
     with pytest.raises(MissingSplitError, match=r"no split 'dev'; its splits: train; set data.hf_train_split"):
         _read("caption", hf_path=str(tmp_path / "d.parquet"), hf_train_split="dev")
+
+
+def test_a_hub_id_offline_and_not_cached_says_how_to_get_it(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DatasetUnreachableError, match=r"data.hf_path=nobody/no-such-data: cannot reach the Hugging "
+                                                      r"Face hub.*local copy"):
+        _read("caption", hf_path="nobody/no-such-data")
 
 
 def test_config_keys_of_the_hf_source():
