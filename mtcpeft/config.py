@@ -143,17 +143,18 @@ class AdaptorSpec:
             setattr(self, k, v)
 
 
-SOURCES = ("easyvqa", "coco", "karpathy", "squad", "vqa2")
+SOURCES = ("easyvqa", "coco", "karpathy", "squad", "vqa2", "hf")
 # files each source needs for training; "val_*" twins are needed for validation (easyvqa needs nothing)
 SOURCE_KEYS = {"coco": ("annotations", "images"), "karpathy": ("karpathy_json", "images"),
-                "squad": ("annotations",), "vqa2": ("questions", "annotations", "images")}
+                "squad": ("annotations",), "vqa2": ("questions", "annotations", "images"), "hf": ("hf_path",)}
 
 
 @dataclass
 class DataConfig:
     """Where examples come from and how they are laid out. Which sources a task reads: ``tasks/<task>.py``."""
 
-    source: str = "easyvqa"  # easyvqa (packaged, offline) | coco | karpathy (captions) | squad (QA) | vqa2 (VQA)
+    source: str = "easyvqa"  # easyvqa (packaged, offline) | coco | karpathy (captions) | squad (QA) | vqa2 (VQA) |
+    #   hf (a Hugging Face `datasets` split, any task: the hf_* keys)
     annotations: str | None = None  # training annotations: COCO captions JSON | SQuAD JSON or a saved HF
     #   `datasets` folder / JSON-lines of its rows | VQA v2 annotations JSON
     val_annotations: str | None = None  # the same for validation
@@ -164,6 +165,13 @@ class DataConfig:
     image_pattern: str = "auto"  # VQA v2 image file name, with {image_id} and {subtype} (the questions file's
     #   data_subtype, e.g. train2014), e.g. "COCO_{subtype}_{image_id:012d}.jpg"; "auto": that or "{image_id:012d}.jpg"
     karpathy_json: str | None = None  # dataset_coco.json of the Karpathy split (source karpathy)
+    hf_path: str | None = None  # source hf: a hub id, a save_to_disk folder, an imagefolder / data folder, or a
+    #   parquet / JSON-lines / CSV file or glob
+    hf_name: str | None = None  # source hf: the hub dataset's config name
+    hf_train_split: str = "train"  # source hf: the split trained on
+    hf_val_split: str = "validation"  # source hf: the split validated on
+    hf_columns: dict[str, str] | None = None  # source hf: {example field: column} where the task's defaults (the
+    #   common hub schemas) do not fit, e.g. {image: img, caption: text}
     drop_impossible: bool = True  # SQuAD v2.0: leave out unanswerable questions when training
     seq_len: int = 128  # tokens per example after padding
     max_target_tokens: int = 63  # caption / answer tokens kept, counting [EOS]
@@ -190,6 +198,10 @@ class DataConfig:
 
     def describe(self, split: str) -> str:
         """Where ``split``'s examples come from: ``"data.source=coco val (data.val_annotations=..., ...)"``."""
+        if self.source == "hf":
+            split_name = self.hf_train_split if split == "train" else self.hf_val_split
+            name = f", data.hf_name={self.hf_name}" if self.hf_name else ""
+            return f"data.source=hf {split} (data.hf_path={self.hf_path}{name}, split {split_name!r})"
         paths = []
         for key in SOURCE_KEYS.get(self.source, ()):
             val = f"val_{key}"
@@ -292,6 +304,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
                 value = float(value)
         if isinstance(value, _SCALARS[tp]) and (tp is bool or not isinstance(value, bool)):  # True is no number
             return float(value) if tp is float else value
+    elif origin is dict and isinstance(value, dict):
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     elif origin in (tuple, list) and isinstance(value, (list, tuple)):
         item_types = [args[0]] * len(value) if origin is list or args[1:] == (Ellipsis,) else args
         if len(item_types) == len(value):
@@ -358,8 +373,13 @@ def _set_override(data: dict, text: str, cls) -> None:
                           "data.train_limit=null")
     *sections, leaf = key.split(".")
     node, node_cls, prefix = data, cls, ""
-    for section in sections:
+    for n, section in enumerate(sections):
         tp = _fields(node_cls).get(section)
+        if n == len(sections) - 1 and _dict_value_type(tp) is not None:  # data.hf_columns.image=img: one entry
+            if not isinstance(node.get(section), dict):
+                node[section] = {}
+            node, tp = node[section], _dict_value_type(tp)
+            break
         if not dataclasses.is_dataclass(tp):
             if tp is None:
                 raise _unknown_key(cls, node_cls, prefix, section)
@@ -370,9 +390,10 @@ def _set_override(data: dict, text: str, cls) -> None:
         if not isinstance(child, dict):  # let _build report the bad section
             return
         node, node_cls, prefix = child, tp, f"{prefix}{section}."
-    tp = _fields(node_cls).get(leaf)
-    if tp is None:
-        raise _unknown_key(cls, node_cls, prefix, leaf)
+    else:
+        tp = _fields(node_cls).get(leaf)
+        if tp is None:
+            raise _unknown_key(cls, node_cls, prefix, leaf)
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
@@ -380,6 +401,14 @@ def _set_override(data: dict, text: str, cls) -> None:
     if value is not None and not isinstance(value, str) and _is_str_field(tp):
         value = raw.strip()  # output_dir=2024 or data.images=no: a string field keeps the text as typed
     node[leaf] = value
+
+
+def _dict_value_type(tp):
+    """The value annotation of a ``dict[K, V]`` (or ``dict[K, V] | None``) field, else None."""
+    for t in (tp, *typing.get_args(tp)):
+        if typing.get_origin(t) is dict:
+            return (typing.get_args(t) or (Any, Any))[1]
+    return None
 
 
 def _is_str_field(tp) -> bool:

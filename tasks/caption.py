@@ -5,12 +5,13 @@
     loss: only on the caption tokens and [EOS] (the last positions of the sequence)
 
 The paper uses T = 64 (Swin V2), seq_len 128, so a caption has up to 63 tokens counting [EOS]. Data: COCO's
-official caption JSON or the Karpathy split (:mod:`mtcpeft.data.coco`), or easy-VQA offline. Metrics: BLEU-4 and
+official caption JSON or the Karpathy split (:mod:`mtcpeft.data.coco`), a Hugging Face ``datasets`` split
+(``data.source=hf``), or easy-VQA offline. Metrics: BLEU-4 and
 CIDEr-D of one generated caption per image against all of its references.
 """
 from __future__ import annotations
 
-from mtcpeft.data.sources import coco_caption_source, easyvqa_caption_source, karpathy_source
+from mtcpeft.data.sources import coco_caption_source, easyvqa_caption_source, hf_caption_source, karpathy_source
 from mtcpeft.data.task import Segment, SequenceLayout, Task, register_task
 
 
@@ -21,7 +22,8 @@ class CaptionTask(Task):
     generated_context = "text"
     bos_context = "text"
     uses_images = True
-    sources = {"easyvqa": easyvqa_caption_source, "coco": coco_caption_source, "karpathy": karpathy_source}
+    sources = {"easyvqa": easyvqa_caption_source, "coco": coco_caption_source, "karpathy": karpathy_source,
+               "hf": hf_caption_source}
     metric = "cider"
     inputs = ("image",)
 

@@ -11,7 +11,7 @@ normalisation (max over the gold answers); SQuAD v2.0 unanswerable questions are
 """
 from __future__ import annotations
 
-from mtcpeft.data.sources import easyvqa_qa_source, squad_source
+from mtcpeft.data.sources import easyvqa_qa_source, hf_qa_source, squad_source
 from mtcpeft.data.task import Segment, SequenceLayout, Task, register_task
 
 UNANSWERABLE = "unanswerable"
@@ -24,7 +24,7 @@ class QATask(Task):
     generated_context = "answer"
     bos_context = "question"
     uses_images = False
-    sources = {"easyvqa": easyvqa_qa_source, "squad": squad_source}
+    sources = {"easyvqa": easyvqa_qa_source, "squad": squad_source, "hf": hf_qa_source}
     metric = "f1"
     inputs = ("context", "question")
 

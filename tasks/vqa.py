@@ -10,7 +10,7 @@ dataset's ``multiple_choice_answer`` (the most common human answer).
 """
 from __future__ import annotations
 
-from mtcpeft.data.sources import easyvqa_vqa_source, vqa2_source
+from mtcpeft.data.sources import easyvqa_vqa_source, hf_vqa_source, vqa2_source
 from mtcpeft.data.task import Segment, SequenceLayout, Task, register_task
 
 PROMPT = "Question: {question} Answer:"
@@ -23,7 +23,7 @@ class VQATask(Task):
     generated_context = "answer"
     bos_context = "question"
     uses_images = True
-    sources = {"easyvqa": easyvqa_vqa_source, "vqa2": vqa2_source}
+    sources = {"easyvqa": easyvqa_vqa_source, "vqa2": vqa2_source, "hf": hf_vqa_source}
     metric = "vqa_accuracy"
     inputs = ("image", "question")
 

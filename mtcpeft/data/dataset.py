@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mtcpeft.errors import MtcpeftError
+from .image_ref import open_any
 from .records import DataFormatError
 
 
@@ -58,13 +59,14 @@ class DataReport:
 
 
 def open_image(path: str) -> Image.Image:
-    with Image.open(path) as im:
+    """The RGB image of a file path or of a :class:`~.image_ref.RowImage` (a row of a ``datasets`` table)."""
+    with open_any(path) as im:
         return im.convert("RGB")
 
 
 def _decode(path: str) -> None:
     """Open and decode ``path`` (``Image.verify`` does not decode: a JPEG cut short in its data passes it)."""
-    with Image.open(path) as im:
+    with open_any(path) as im:
         im.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale (every byte is still read); other formats: no-op
         im.load()
 

@@ -1,6 +1,6 @@
 """Data sources by ``data.source``: each reader turns a split ("train" / "val") of a data config into
 ``(examples, note)`` — the example dicts of the format readers (:mod:`.coco`, :mod:`.squad`, :mod:`.vqa2`,
-:mod:`.easyvqa`, :mod:`.easyvqa_tasks`) and what the reader dropped, in one line ("" when nothing).
+:mod:`.easyvqa`, :mod:`.easyvqa_tasks`, Hugging Face ``datasets`` through :mod:`.hf` / :mod:`.hf_tasks`) and what the reader dropped, in one line ("" when nothing).
 
 A task declares the sources it reads as ``{name: reader}`` (:attr:`mtcpeft.data.task.Task.sources`); a user's task
 may list these readers or its own with the same signature. A missing or wrong path stops with the config key to set.
@@ -15,6 +15,8 @@ from mtcpeft.config import ConfigError
 from .coco import read_coco_captions, read_karpathy
 from .easyvqa import easyvqa_captions
 from .easyvqa_tasks import easyvqa_qa, easyvqa_vqa
+from .hf import load_split, local_base
+from .hf_tasks import hf_captions, hf_qa, hf_rows, hf_vqa
 from .squad import read_squad
 from .vqa2 import read_vqa2
 
@@ -99,3 +101,39 @@ def vqa2_source(split: str, data) -> tuple[list[dict], str]:
     examples, report = read_vqa2(_path(data, q), anns, _folder(data, split_key(data, split, "images", fallback=True)),
                                  data.image_pattern)
     return examples, _dropped(report, split) + ("" if anns else f"; data.{a} is not set: questions without answers")
+
+
+# ------------------------------------------------------------------------------------- Hugging Face datasets
+def _hf_split(data, split: str):
+    """(the ``datasets.Dataset`` of ``split``, the key naming its rows in image references, the folder relative
+    image paths start from)."""
+    key = "hf_train_split" if split == "train" else "hf_val_split"
+    path, name = need(data.hf_path, "data.hf_path"), getattr(data, key)
+    ds = load_split(path, data.hf_name, name, key)
+    return ds, f"{path}{':' + data.hf_name if data.hf_name else ''}[{name}]", local_base(path)
+
+
+def hf_caption_source(split: str, data) -> tuple[list[dict], str]:
+    """Captions from a ``datasets`` split (``data.hf_*``): an image column and a caption or list-of-captions
+    column, one example per caption."""
+    ds, key, base = _hf_split(data, split)
+    return hf_captions(ds, data.hf_columns, key, base), ""
+
+
+def hf_qa_source(split: str, data) -> tuple[list[dict], str]:
+    """SQuAD-schema rows from a ``datasets`` split; unanswerable questions as for ``squad``."""
+    ds, key, _ = _hf_split(data, split)
+    examples, report = hf_qa(ds, data.hf_columns, key, keep_impossible=not (split == "train" and data.drop_impossible))
+    return examples, _dropped(report, split)
+
+
+def hf_vqa_source(split: str, data) -> tuple[list[dict], str]:
+    """VQA rows (image, question, answers / multiple_choice_answer) from a ``datasets`` split."""
+    ds, key, base = _hf_split(data, split)
+    return hf_vqa(ds, data.hf_columns, key, base), ""
+
+
+def hf_rows_source(split: str, data) -> tuple[list[dict], str]:
+    """Any task: one example per row of a ``datasets`` split, keyed by column (``data.hf_columns`` renames)."""
+    ds, key, base = _hf_split(data, split)
+    return hf_rows(ds, data.hf_columns, key, base), ""

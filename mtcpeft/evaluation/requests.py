@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from mtcpeft.data.dataset import check_images, open_image
+from mtcpeft.data.image_ref import RowImage
 from mtcpeft.data.task import Task, get_task
 from mtcpeft.errors import MtcpeftError
 from mtcpeft.models.vision import image_transform
@@ -144,9 +145,9 @@ def _check_image(image, what: str, manifest) -> None:
     if manifest.vision is None:
         raise RequestError(f"{what}: the plugin has no vision encoder; pass the image's encoder features (T, D)")
     if isinstance(image, (str, os.PathLike)):
-        if not Path(image).is_file():
+        if not isinstance(image, RowImage) and not Path(image).is_file():
             raise RequestError(f"{what}: image {image} does not exist")
-        check_images([str(image)], on_bad="fail", progress=False)  # decodes it: a truncated file is named here
+        check_images([image if isinstance(image, RowImage) else str(image)], on_bad="fail", progress=False)  # decodes it: a truncated file is named here
     elif not isinstance(image, (Image.Image, torch.Tensor)):
         raise RequestError(f"{what}: image must be a path, a PIL image or a tensor, not {type(image).__name__}")
 
@@ -171,7 +172,8 @@ def _image_input(image, transform: Callable[[], Callable]) -> Callable[[], dict]
         return lambda: {key: image}
     if isinstance(image, Image.Image):
         return lambda: {"pixel_values": transform()(image.convert("RGB"))}
-    return lambda: {"pixel_values": transform()(open_image(str(image)))}
+    path = image if isinstance(image, RowImage) else str(image)  # a row of a datasets table stays one
+    return lambda: {"pixel_values": transform()(open_image(path))}
 
 
 def generate_requests(loaded, requests: list[Request], data=None, beams: int = 1, max_new_tokens: int | None = None,

@@ -312,8 +312,8 @@ def encode_images(encoder: VisionEncoder, images: Iterable | Mapping, batch_size
     """Run the frozen encoder once per image: ``{key: (num_tokens, dim) tensor}`` on the CPU in ``dtype``.
 
     ``images``: a list (keys are positions), a mapping ``key -> image`` or an iterable of ``(key, image)``.
-    An image is a PIL image or a file path (both get the eval :func:`image_transform`), or a (3, H, W)
-    tensor taken as already preprocessed. Keys in ``skip`` are not encoded.
+    An image is a PIL image or a file path (both get the eval :func:`image_transform`), a (3, H, W)
+    tensor taken as already preprocessed, or a zero-argument callable returning one of these. Keys in ``skip`` are not encoded.
     """
     transform = image_transform(encoder, train=False)
     skip = set(skip)
@@ -334,6 +334,8 @@ def encode_images(encoder: VisionEncoder, images: Iterable | Mapping, batch_size
             if key in skip:
                 bar.update(1)
                 continue
+            if callable(image):  # a loader, called only for images not skipped (rows of a datasets table)
+                image = image()
             if isinstance(image, (str, os.PathLike)):
                 with Image.open(image) as im:
                     image = transform(im)

@@ -11,6 +11,7 @@ from mtcpeft.config import ConfigError, RunConfig, config_to_dict
 from mtcpeft.core.contexts import ContextVocab
 from mtcpeft.core.model import ContextModel
 from mtcpeft.data.dataset import DataReport, EmptySplitError, EncodedDataset, check_images, open_image
+from mtcpeft.data.image_ref import RowImage
 from mtcpeft.data.packing import EmptyTargetError, PromptTooLongError
 from mtcpeft.models.lm import load_lm, load_tokenizer
 from mtcpeft.models.projector import Projector
@@ -150,7 +151,8 @@ def image_input(cfg: RunConfig, model: VisionLanguageModel, examples: list[dict]
     if cfg.data.cache_features and not augment:
         name = cache_name or (split if cfg.task == "caption" else f"{cfg.task}_{split}")
         cache = Path(cfg.output_dir) / "features" / f"{name}.safetensors"  # reused on resume
-        feats = cached_features(cache, model.encoder, {p: p for p in sorted(set(paths))}, progress=progress)
+        images = {p: p.load if isinstance(p, RowImage) else p for p in sorted(set(paths))}  # rows: read lazily
+        feats = cached_features(cache, model.encoder, images, progress=progress)
         return lambda i: {"image_features": feats[paths[i]].float()}
     transform = image_transform(model.encoder, train=split == "train", augment=augment)
     return lambda i: {"pixel_values": transform(open_image(paths[i]))}
