@@ -19,9 +19,12 @@ mix tasks with no adapter switching (each token picks its group).
   needs), how a source group is stored under them, exactly (``conform``, e.g. rank padding and scale folding),
   and the group that changes nothing (``identity_group``), given to targets a source lacks (allowed when its
   targets are a subset of another's). Only the tensor names the kind declares are touched.
-* Refused: plugins of different base LMs (fingerprint), different adaptor kinds, fully fine-tuned LMs, a strategy
-  the kind does not define, target sets that are not nested, different widths, and two different projectors
-  unless ``projector`` picks one.
+* Plugins of different adaptor kinds (caption LoRA + QA IA3 + a BitFit plugin) merge into a mixed-kind plugin
+  (:mod:`mtcpeft.core.adaptors.mixed`): every group keeps its kind, each kind's groups merge among themselves as
+  above, each kind keeps its own targets, and the manifest's adaptor records the kind of each group.
+* Refused: plugins of different base LMs (fingerprint), fully fine-tuned LMs, a strategy the kind does not define,
+  a new group combining groups of different kinds, target sets of one kind that are not nested, kinds placed by
+  different placements, different widths, and two different projectors unless ``projector`` picks one.
 
 The manifest adds ``routes`` {task: {task context: group}} (each source task routes to its own groups),
 ``generated`` {task: group of generated tokens}, ``merge`` {strategy, density, new_groups, exact} and
@@ -40,10 +43,9 @@ from typing import Sequence
 
 import torch
 
-from mtcpeft.core.adaptors import ADAPTORS, AdaptorConfig, GroupMergeError
+from mtcpeft.core.adaptors import ADAPTORS, AdaptorConfig, GroupMergeError, compose_kinds
 from mtcpeft.core.model import ContextModel
-from .manifest import (AdaptorInfo, Manifest, MergeInfo, PluginError, SourceInfo, adaptor_param_names, load_plugin,
-                       save_plugin)
+from .manifest import AdaptorInfo, Manifest, MergeInfo, PluginError, SourceInfo, load_plugin, save_plugin
 
 STRATEGIES = ("keep", "average", "ties", "concat")
 PROJECTOR_PREFIX = "projector."
@@ -151,8 +153,8 @@ def _mergeable() -> list[str]:
     return [k for k in ADAPTORS if ADAPTORS.get(k).param_names()]
 
 
-def _check_sources(sources: list[Source], strategy: str, density: float) -> list[str]:
-    """Refuse what cannot be combined; return the merged targets (the largest set, in model order)."""
+def _check_sources(sources: list[Source], strategy: str, density: float) -> dict[str, list[str]]:
+    """Refuse what cannot be combined; return the merged targets of each kind (its largest set, in model order)."""
     if not sources:
         raise MergeError("nothing to merge: pass at least one plugin")
     names = [s.name for s in sources]
@@ -173,28 +175,37 @@ def _check_sources(sources: list[Source], strategy: str, density: float) -> list
         if s.manifest.adaptor.full_finetune:
             raise MergeError(f"{where} fine-tunes the whole LM: only adaptor plugins ({', '.join(_mergeable())}) "
                              "merge")
+        if ADAPTORS.get(s.kind).composite:
+            raise MergeError(f"{where} holds groups of several kinds ({s.kind}); merging it again is not supported: "
+                             "merge its source plugins together with the new ones instead")
         if s.kind not in _mergeable():
             raise MergeError(f"{where} holds no adaptor groups (kind {s.kind!r}); only adaptor plugins "
                              f"({', '.join(_mergeable())}) merge")
-        if s.kind != first.kind:
-            raise MergeError(f"cannot merge a {first.kind} plugin ({first.name!r}) with a {s.kind} plugin "
-                             f"({s.name!r}): their groups are different tensors; train them with one adaptor kind")
     if strategy not in STRATEGIES:
         raise MergeError(f"unknown strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}")
+    kinds = list(dict.fromkeys(s.kind for s in sources))
     problem = ADAPTORS.get(first.kind).strategy_problem(strategy)
-    if problem:
+    if problem and len(kinds) == 1:
         raise MergeError(problem)
     if strategy == "ties" and not 0.0 < density <= 1.0:
         raise MergeError(f"TIES density must be in (0, 1], got {density}")
-    widest = max(sources, key=lambda s: len(s.manifest.targets))
-    targets = widest.manifest.targets
-    for s in sources:
-        extra = [t for t in s.manifest.targets if t not in targets]
-        if extra:
-            raise MergeError(f"plugins {widest.name!r} and {s.name!r} adapt different layers (e.g. {extra[0]!r} only "
-                             f"in {s.name!r}); merging needs one's targets within the other's: train with the same "
-                             "adaptor.targets")
-    return list(targets)
+    targets, placements = {}, {}
+    for kind in kinds:  # each kind keeps its own targets (IA3 acts on other modules than LoRA)
+        of_kind = [s for s in sources if s.kind == kind]
+        widest = max(of_kind, key=lambda s: len(s.manifest.targets))
+        for s in of_kind:
+            extra = [t for t in s.manifest.targets if t not in widest.manifest.targets]
+            if extra:
+                raise MergeError(f"plugins {widest.name!r} and {s.name!r} adapt different layers (e.g. {extra[0]!r} "
+                                 f"only in {s.name!r}); merging needs one's targets within the other's: train with "
+                                 "the same adaptor.targets")
+        targets[kind], placements[kind] = list(widest.manifest.targets), (widest.name, widest.manifest.placement)
+    if len({p for _, p in placements.values()}) > 1:
+        (a, pa), (b, pb) = list(placements.values())[:2]
+        raise MergeError(f"plugins {a!r} (placement {pa!r}) and {b!r} (placement {pb!r}) hold different kinds placed "
+                         "by different adaptor.targets; a model with groups of several kinds is built with one "
+                         "placement (each kind at its own modules of it): train them with the same adaptor.targets")
+    return targets
 
 
 @dataclass
@@ -312,6 +323,42 @@ def _merge_adaptors(sources, plan, targets, strategy, density) -> tuple[AdaptorI
     return AdaptorInfo.of(merged), out
 
 
+def _merge_kinds(sources, plan, targets, strategy, density) -> tuple[AdaptorInfo, dict, list[str]]:
+    """Plugins of several kinds: every group keeps its kind. Each kind's groups merge among themselves exactly as in
+    a one-kind merge (its own targets, options and strategies: :func:`_merge_adaptors` on that kind's part of the
+    plan), and the unified adaptor is the kinds' composition (:func:`~mtcpeft.core.adaptors.compose_kinds`), whose
+    layer at a module holds one context layer per kind acting there. Returns (adaptor entry, tensors, targets)."""
+    kind_of = {g: s.kind for g, (s, _) in plan.owner.items()}
+    for g, members in plan.new.items():
+        kinds = list(dict.fromkeys(kind_of[m] for m in members))
+        if len(kinds) > 1:
+            (a, (sa, _)), (b, (sb, _)) = [next((m, plan.owner[m]) for m in members if kind_of[m] == k)
+                                          for k in kinds[:2]]
+            raise MergeError(f"cannot merge a {kinds[0]} plugin ({sa.name!r}) with a {kinds[1]} plugin ({sb.name!r}) "
+                             f"into one group {g!r} ({a} + {b}): groups of different kinds are different functions "
+                             "that no strategy combines into one; route it to one group, or to groups of one kind")
+        kind_of[g] = kinds[0]
+    configs, parts = {}, {}
+    for kind in dict.fromkeys(kind_of[g] for g in plan.groups):
+        part = _Plan([g for g in plan.groups if kind_of[g] == kind],
+                     {g: o for g, o in plan.owner.items() if kind_of[g] == kind},
+                     {g: m for g, m in plan.new.items() if kind_of[g] == kind}, plan.routes, plan.generated)
+        problem = ADAPTORS.get(kind).strategy_problem(strategy)
+        if problem and part.new:
+            raise MergeError(problem)
+        of_kind = [s for s in sources if s.kind == kind]
+        info, tensors = _merge_adaptors(of_kind, part, targets[kind], strategy, density)
+        configs[kind], parts[kind] = info.config(), (of_kind[0].manifest.prefix, tensors)
+    mixed = compose_kinds([kind_of[g] for g in plan.groups], configs)
+    prefix, out, names = sources[0].manifest.prefix, {}, []
+    for kind, (own_prefix, tensors) in parts.items():
+        names += [mixed.target(t, kind) for t in targets[kind]]
+        for key, value in tensors.items():
+            module, _, param = key[len(own_prefix):].rpartition(".")
+            out[f"{prefix}{mixed.target(module, kind)}.{param}"] = value
+    return AdaptorInfo.of(mixed), out, names
+
+
 def _projector(sources: list[Source], pick: str | None) -> Source | None:
     """The one plugin whose projector (and vision encoder) the merged plugin keeps."""
     holders = [s for s in sources if any(k.startswith(PROJECTOR_PREFIX) for k in s.tensors)]
@@ -348,7 +395,12 @@ def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (),
         if stray:
             raise MergeError(f"plugin {s.name!r} holds {stray[0]!r}, neither an adaptor nor a projector tensor")
     plan = _plan(sources, routes, strategy, generated)
-    adaptor, tensors = _merge_adaptors(sources, plan, targets, strategy, density)
+    if len(targets) == 1:
+        (kind_targets,) = targets.values()
+        adaptor, tensors = _merge_adaptors(sources, plan, kind_targets, strategy, density)
+        merged_targets = kind_targets
+    else:
+        adaptor, tensors, merged_targets = _merge_kinds(sources, plan, targets, strategy, density)
     proj = _projector(sources, projector)
     if proj is not None:
         tensors.update({k: v for k, v in proj.tensors.items() if k.startswith(PROJECTOR_PREFIX)})
@@ -360,7 +412,7 @@ def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (),
         generated_context=None,
         adaptor=adaptor,
         placement=widest.manifest.placement,
-        targets=targets,
+        targets=merged_targets,
         base_lm=first.base_lm,
         base_lm_fingerprint=first.base_lm_fingerprint,
         vision=proj.manifest.vision if proj else None,
@@ -455,25 +507,30 @@ def apply_plugin(model: ContextModel, manifest: Manifest, tensors: dict[str, tor
                              f"{manifest.task}.{c!r}); its contexts: {list(model.vocab.names)}; pass mapping=")
     layers = dict(model.context_layers())
     saved_as = manifest.adaptor.config()
-    problem = model.adaptor.fit_problem(saved_as)
-    if problem:
-        raise MergeError(f"the plugin does not fit the model: {problem}")
-    params = adaptor_param_names(kind)
     with torch.no_grad(), _as_merge_error():
         for t in manifest.targets:
             if t not in layers:
                 raise MergeError(f"the plugin adapts {t!r}, which the model does not; build it with the plugin's "
                                  f"placement {manifest.placement!r}")
+            source, own_config = saved_as.at(t), model.adaptor.at(t)  # the kind of this layer
+            problem = own_config.fit_problem(source)
+            if problem:
+                raise MergeError(f"the plugin does not fit the model: {problem}")
+            params = source.param_names()
             own = [getattr(layers[t], p) for p in params]
             src = [tensors[f"{prefix}{t}.{p}"] for p in params]
             for p, o, x in zip(params, own, src):
                 if x.shape[-1] != o.shape[-1] or x.shape[2:-1] != o.shape[2:-1]:
                     raise MergeError(f"{t}.{p}: plugin shape {list(x.shape)} does not fit the model's "
                                      f"{list(o.shape)} (another base LM or placement?)")
-            for i, c in enumerate(manifest.contexts):
-                group = model.adaptor.conform([x[i] for x in src], saved_as)  # e.g. rank padding, scale folding
+            stacked = model.adaptor.groups_at(t, model.vocab.names)  # the model's groups this layer holds
+            for i, c in enumerate(saved_as.groups_at(t, manifest.contexts)):
+                if where[c] not in stacked:
+                    raise MergeError(f"the plugin's {c!r} is a {source.name} group but the model's {where[c]!r} "
+                                     "is of another kind; build the model with the plugin's kind of each group")
+                group = own_config.conform([x[i] for x in src], source)  # e.g. rank padding, scale folding
                 for o, row in zip(own, group):
-                    o[model.vocab.id(where[c])].copy_(row)
+                    o[stacked.index(where[c])].copy_(row)
     return where
 
 
