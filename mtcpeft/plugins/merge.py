@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -113,6 +113,24 @@ class Source:
     def config(self) -> AdaptorConfig:
         return self.manifest.adaptor.config()
 
+    def parts(self) -> list["Source"]:
+        """Single-kind views of this plugin: itself, or for a plugin of several kinds one per kind (its groups of
+        that kind, stacked, under the names of the modules they adapt), named and routed as the plugin."""
+        if self.manifest.adaptor.full_finetune:
+            return [self]
+        pieces = self.config.split(self.manifest.contexts, self.manifest.targets)
+        if len(pieces) == 1:
+            return [self]
+        prefix, out = self.manifest.prefix, []
+        for config, contexts, targets in pieces:
+            # a layer of a kind stacks that kind's groups only: its tensors are the part's as they are
+            tensors = {f"{prefix}{module}.{p}": self.tensors[f"{prefix}{t}.{p}"]
+                       for t, module in targets for p in config.param_names()}
+            manifest = replace(self.manifest, contexts=contexts, adaptor=AdaptorInfo.of(config),
+                               targets=[module for _, module in targets], tensors={})
+            out.append(Source(self.name, manifest, tensors, self.path))
+        return out
+
 
 def parse_plugin_arg(text: str) -> tuple[str | None, str]:
     """``"caption=runs/caption/plugin"`` -> ("caption", path); a bare path -> (None, path)."""
@@ -175,14 +193,12 @@ def _check_sources(sources: list[Source], strategy: str, density: float) -> dict
         if s.manifest.adaptor.full_finetune:
             raise MergeError(f"{where} fine-tunes the whole LM: only adaptor plugins ({', '.join(_mergeable())}) "
                              "merge")
-        if ADAPTORS.get(s.kind).composite:
-            raise MergeError(f"{where} holds groups of several kinds ({s.kind}); merging it again is not supported: "
-                             "merge its source plugins together with the new ones instead")
-        if s.kind not in _mergeable():
+        if s.kind not in _mergeable() and not ADAPTORS.get(s.kind).composite:
             raise MergeError(f"{where} holds no adaptor groups (kind {s.kind!r}); only adaptor plugins "
                              f"({', '.join(_mergeable())}) merge")
     if strategy not in STRATEGIES:
         raise MergeError(f"unknown strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}")
+    sources = [part for s in sources for part in s.parts()]  # a plugin of several kinds: one part per kind
     kinds = list(dict.fromkeys(s.kind for s in sources))
     problem = ADAPTORS.get(first.kind).strategy_problem(strategy)
     if problem and len(kinds) == 1:
@@ -328,6 +344,12 @@ def _merge_kinds(sources, plan, targets, strategy, density) -> tuple[AdaptorInfo
     a one-kind merge (its own targets, options and strategies: :func:`_merge_adaptors` on that kind's part of the
     plan), and the unified adaptor is the kinds' composition (:func:`~mtcpeft.core.adaptors.compose_kinds`), whose
     layer at a module holds one context layer per kind acting there. Returns (adaptor entry, tensors, targets)."""
+    owner = {}  # group -> (the single-kind part of its plugin holding it, its index there)
+    for s in sources:
+        for part in s.parts():
+            for i, c in enumerate(part.manifest.contexts):
+                owner[s.group(c)] = (part, i)
+    plan = _Plan(plan.groups, owner, plan.new, plan.routes, plan.generated)
     kind_of = {g: s.kind for g, (s, _) in plan.owner.items()}
     for g, members in plan.new.items():
         kinds = list(dict.fromkeys(kind_of[m] for m in members))
@@ -346,7 +368,7 @@ def _merge_kinds(sources, plan, targets, strategy, density) -> tuple[AdaptorInfo
         problem = ADAPTORS.get(kind).strategy_problem(strategy)
         if problem and part.new:
             raise MergeError(problem)
-        of_kind = [s for s in sources if s.kind == kind]
+        of_kind = [p for s in sources for p in s.parts() if p.kind == kind]
         info, tensors = _merge_adaptors(of_kind, part, targets[kind], strategy, density)
         configs[kind], parts[kind] = info.config(), (of_kind[0].manifest.prefix, tensors)
     mixed = compose_kinds([kind_of[g] for g in plan.groups], configs)
@@ -395,7 +417,7 @@ def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (),
         if stray:
             raise MergeError(f"plugin {s.name!r} holds {stray[0]!r}, neither an adaptor nor a projector tensor")
     plan = _plan(sources, routes, strategy, generated)
-    if len(targets) == 1:
+    if all(len(s.parts()) == 1 for s in sources) and len(targets) == 1:
         (kind_targets,) = targets.values()
         adaptor, tensors = _merge_adaptors(sources, plan, kind_targets, strategy, density)
         merged_targets = kind_targets
@@ -485,15 +507,22 @@ def apply_plugin(model: ContextModel, manifest: Manifest, tensors: dict[str, tor
     """Copy a plugin's groups into ``model`` by context name; returns {plugin context: model context}.
 
     A plugin context ``c`` of task ``t`` goes to ``mapping[c]``, else to the model's context ``c``, else to
-    ``t.c`` (so a task plugin fills its namespaced groups of a unified model). Each group is stored as the model's
+    ``t.c`` (so a task plugin fills its namespaced groups of a unified model, whatever kinds the model mixes: each
+    group goes to the model's layer of its kind at the same module). Each group is stored as the model's
     adaptor config holds it (:meth:`~mtcpeft.core.adaptors.AdaptorConfig.conform`: e.g. a smaller rank
     zero-padded, another scale folded into B; exact). Model groups and targets the plugin does not name are left
     as they are.
     """
-    kind, full = manifest.adaptor.kind, manifest.adaptor.full_finetune
-    if full or model.adaptor.name != kind:
-        raise MergeError(f"the plugin holds {'a fully fine-tuned LM' if full else kind + ' adaptors'}; the model has "
-                         f"{model.adaptor.name} adaptors")
+    full = manifest.adaptor.full_finetune
+    saved_as = manifest.adaptor.config()
+    # per kind: the model's layer at each module and the model contexts that kind's layers stack
+    own_layers = {}
+    for config, contexts, targets in model.adaptor.split(model.vocab.names, model.target_names):
+        own_layers.update({(config.name, module): (layer, config, contexts) for layer, module in targets})
+    model_kinds = sorted({k for k, _ in own_layers})
+    if full or any(config.name not in model_kinds for config in saved_as.members()):
+        holds = "a fully fine-tuned LM" if full else manifest.adaptor.kind + " adaptors"
+        raise MergeError(f"the plugin holds {holds}; the model has {model.adaptor.name} adaptors")
     prefix = manifest.prefix if prefix is None else prefix
     mapping = mapping or {}
     where = {}
@@ -506,31 +535,30 @@ def apply_plugin(model: ContextModel, manifest: Manifest, tensors: dict[str, tor
             raise MergeError(f"the model has no context for the plugin's {c!r} (tried {c!r} and "
                              f"{manifest.task}.{c!r}); its contexts: {list(model.vocab.names)}; pass mapping=")
     layers = dict(model.context_layers())
-    saved_as = manifest.adaptor.config()
     with torch.no_grad(), _as_merge_error():
-        for t in manifest.targets:
-            if t not in layers:
-                raise MergeError(f"the plugin adapts {t!r}, which the model does not; build it with the plugin's "
-                                 f"placement {manifest.placement!r}")
-            source, own_config = saved_as.at(t), model.adaptor.at(t)  # the kind of this layer
-            problem = own_config.fit_problem(source)
-            if problem:
-                raise MergeError(f"the plugin does not fit the model: {problem}")
-            params = source.param_names()
-            own = [getattr(layers[t], p) for p in params]
-            src = [tensors[f"{prefix}{t}.{p}"] for p in params]
-            for p, o, x in zip(params, own, src):
-                if x.shape[-1] != o.shape[-1] or x.shape[2:-1] != o.shape[2:-1]:
-                    raise MergeError(f"{t}.{p}: plugin shape {list(x.shape)} does not fit the model's "
-                                     f"{list(o.shape)} (another base LM or placement?)")
-            stacked = model.adaptor.groups_at(t, model.vocab.names)  # the model's groups this layer holds
-            for i, c in enumerate(saved_as.groups_at(t, manifest.contexts)):
-                if where[c] not in stacked:
-                    raise MergeError(f"the plugin's {c!r} is a {source.name} group but the model's {where[c]!r} "
-                                     "is of another kind; build the model with the plugin's kind of each group")
-                group = own_config.conform([x[i] for x in src], source)  # e.g. rank padding, scale folding
-                for o, row in zip(own, group):
-                    o[stacked.index(where[c])].copy_(row)
+        for source, contexts, targets in saved_as.split(manifest.contexts, manifest.targets):
+            for t, module in targets:
+                if (source.name, module) not in own_layers:
+                    raise MergeError(f"the plugin adapts {t!r}, which the model does not; build it with the plugin's "
+                                     f"placement {manifest.placement!r}")
+                layer, own_config, stacked = own_layers[(source.name, module)]
+                problem = own_config.fit_problem(source)
+                if problem:
+                    raise MergeError(f"the plugin does not fit the model: {problem}")
+                params = source.param_names()
+                own = [getattr(layers[layer], p) for p in params]
+                src = [tensors[f"{prefix}{t}.{p}"] for p in params]
+                for p, o, x in zip(params, own, src):
+                    if x.shape[-1] != o.shape[-1] or x.shape[2:-1] != o.shape[2:-1]:
+                        raise MergeError(f"{t}.{p}: plugin shape {list(x.shape)} does not fit the model's "
+                                         f"{list(o.shape)} (another base LM or placement?)")
+                for i, c in enumerate(contexts):
+                    if where[c] not in stacked:
+                        raise MergeError(f"the plugin's {c!r} is a {source.name} group but the model's {where[c]!r} "
+                                         "is of another kind; build the model with the plugin's kind of each group")
+                    group = own_config.conform([x[i] for x in src], source)  # e.g. rank padding, scale folding
+                    for o, row in zip(own, group):
+                        o[stacked.index(where[c])].copy_(row)
     return where
 
 

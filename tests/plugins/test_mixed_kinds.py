@@ -189,3 +189,41 @@ def _task_plugin(lm_dir, out, task_name, kind, seed):
     torch.manual_seed(seed)
     model, _, _ = build_task_model(cfg, task)
     return task_plugin(model, cfg, task, out / "plugin")
+
+
+def test_a_mixed_plugin_merges_again_with_another_kind(tmp_path):
+    sources, dirs = _sources(tmp_path)
+    first, _ = merge_to_dir(tmp_path / "first", [f"caption={dirs[0]}", f"qa={dirs[1]}"], ROUTES)
+    again, manifest = merge_to_dir(tmp_path / "again", [str(first), f"tag={dirs[2]}"])
+    direct, direct_manifest = merge_plugins(load_sources([f"caption={dirs[0]}", f"qa={dirs[1]}", f"tag={dirs[2]}"]),
+                                            ROUTES)
+    assert manifest.contexts == direct.contexts and manifest.adaptor == direct.adaptor
+    assert manifest.routes == direct.routes
+    _, tensors = load_plugin(again)
+    assert tensors.keys() == direct_manifest.keys()
+    assert all(torch.equal(tensors[k], direct_manifest[k]) for k in tensors)
+    model = load_model(again, tiny_lm("llama")).model.lm
+    for task, source in sources.items():
+        ids, ctx = _inputs(len(source.vocab), seed=len(task))
+        remapped = route_map(manifest, task, source.vocab.names)[ctx + 1]
+        assert torch.equal(_logits(model, ids, remapped), _logits(source, ids, ctx)), task
+
+
+def test_apply_plugin_fills_a_mixed_model_group_by_group(unified):
+    from mtcpeft.plugins.merge import apply_plugin
+
+    sources, out, manifest = unified
+    model = load_model(out, tiny_lm("llama")).model.lm
+    fresh = load_model(out, tiny_lm("llama")).model.lm
+    with torch.no_grad():
+        for t in fresh.adaptor_state_dict().values():
+            t.zero_()
+    for task, source in sources.items():
+        plugin, tensors = load_plugin(out.parent / task)
+        assert set(apply_plugin(fresh, plugin, tensors).values()) == {f"{task}.{c}" for c in source.vocab.names}
+    own = fresh.adaptor_state_dict()
+    assert all(torch.equal(own[k], v) for k, v in model.adaptor_state_dict().items())
+    # a group of one kind cannot land in a group of another
+    plugin, tensors = load_plugin(out.parent / "qa")
+    with pytest.raises(MergeError, match="the plugin's 'question' is a ia3 group but the model's 'caption.image'"):
+        apply_plugin(fresh, plugin, tensors, mapping={"question": "caption.image", "answer": "caption.text"})

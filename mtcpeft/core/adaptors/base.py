@@ -110,6 +110,12 @@ class AdaptorConfig:
         """The contexts whose groups the layer ``target`` stacks, in stacking order: all of them."""
         return list(contexts)
 
+    def split(self, contexts: Sequence[str], targets: Sequence[str]
+              ) -> list[tuple["AdaptorConfig", list[str], list[tuple[str, str]]]]:
+        """The single-kind parts of a plugin of this config: [(kind config, its contexts, [(target, module it
+        adapts)])]. One kind: this config, every context, each target adapting itself."""
+        return [(self, list(contexts), [(t, t) for t in targets])]
+
     # ------------------------------------------------------------------------------ tensors in a plugin
     def shape_problem(self, shapes: dict[str, list[int]]) -> tuple[str, str] | None:
         """(param, what is wrong with its shape) when the shapes of one target's tensors (``{param: [contexts,

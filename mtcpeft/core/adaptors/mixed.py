@@ -14,8 +14,8 @@ context -1 for a layer (its kind-local plan, :func:`~mtcpeft.core.contexts.restr
 its own group's kind and nothing else. Each kind's plan is derived once per forward from the shared plan (cached
 on the plan object), with no sort and no host sync.
 
-Merging groups of different kinds into one group is refused (their tensors are different functions); a mixed
-plugin merges with others by ``keep``.
+Merging groups of different kinds into one group is refused (their tensors are different functions). A mixed
+plugin merges again with others: the merger takes it apart by kind (:meth:`MixedConfig.split`).
 """
 from __future__ import annotations
 
@@ -97,6 +97,11 @@ class MixedConfig(AdaptorConfig):
     def target(self, module: str, kind: str) -> str:
         """The name of the context layer of ``kind`` at the projection ``module``."""
         return f"{module}.{kind}"
+
+    def split(self, contexts, targets):
+        return [(self._configs[kind], [c for c, k in zip(contexts, self.kinds) if k == kind],
+                 [(t, t.rpartition(".")[0]) for t in targets if t.rpartition(".")[2] == kind])
+                for kind in self.kind_order]
 
     def shape_problem(self, shapes):  # pragma: no cover - every check goes through at(target)
         raise NotImplementedError("a mixed config checks each target with the config of its kind (at(target))")
