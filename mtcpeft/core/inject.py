@@ -173,7 +173,7 @@ def inject(model: nn.Module, config: AdaptorConfig, router: Router, targets: str
     names = projection_names(model)
     placed: dict[str, list[tuple[AdaptorConfig, str, dict]]] = {}  # module -> what acts on it (one per kind)
     for member in members:
-        for name, role, parts in resolve_targets(model, member, targets):
+        for name, role, parts in resolve_targets(model, member, config.member_targets(member, targets)):
             kwargs = {}
             if parts is not None:
                 d_in, d_out = projection_dims(model.get_submodule(name))

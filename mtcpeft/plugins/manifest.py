@@ -12,8 +12,9 @@ A plugin is a directory:
     contexts        the adaptor groups, in stacking order (leading dim of every adaptor tensor)
     adaptor         {kind, <the kind's options (its config's fields)>, full_finetune}; a mixed-kind plugin (kind
                     "mixed") records the kind of each context ("kinds", in context order) and each kind's options
-                    ("kind_options"); its targets are then ``<module>.<kind>``, one per kind acting on a module, each
-                    stacked over that kind's contexts only
+                    ("kind_options"), and the placement of a kind placed unlike ``placement`` ("placements"); its
+                    targets are then ``<module>.<kind>``, one per kind acting on a module, each stacked over that
+                    kind's contexts only
     placement       "A" / "F" / "AF" or comma-separated module-name patterns (how the targets were chosen)
     targets         adapted module names of the LM, in model order
     base_lm         where the base LM came from; base_lm_fingerprint: hash of its frozen weights

@@ -23,8 +23,8 @@ mix tasks with no adapter switching (each token picks its group).
   (:mod:`mtcpeft.core.adaptors.mixed`): every group keeps its kind, each kind's groups merge among themselves as
   above, each kind keeps its own targets, and the manifest's adaptor records the kind of each group.
 * Refused: plugins of different base LMs (fingerprint), fully fine-tuned LMs, a strategy the kind does not define,
-  a new group combining groups of different kinds, target sets of one kind that are not nested, kinds placed by
-  different placements, different widths, and two different projectors unless ``projector`` picks one.
+  a new group combining groups of different kinds, target sets of one kind that are not nested, different widths,
+  and two different projectors unless ``projector`` picks one.
 
 The manifest adds ``routes`` {task: {task context: group}} (each source task routes to its own groups),
 ``generated`` {task: group of generated tokens}, ``merge`` {strategy, density, new_groups, exact} and
@@ -127,7 +127,8 @@ class Source:
             tensors = {f"{prefix}{module}.{p}": self.tensors[f"{prefix}{t}.{p}"]
                        for t, module in targets for p in config.param_names()}
             manifest = replace(self.manifest, contexts=contexts, adaptor=AdaptorInfo.of(config),
-                               targets=[module for _, module in targets], tensors={})
+                               targets=[module for _, module in targets], tensors={},
+                               placement=self.config.member_targets(config, self.manifest.placement))
             out.append(Source(self.name, manifest, tensors, self.path))
         return out
 
@@ -205,7 +206,7 @@ def _check_sources(sources: list[Source], strategy: str, density: float) -> dict
         raise MergeError(problem)
     if strategy == "ties" and not 0.0 < density <= 1.0:
         raise MergeError(f"TIES density must be in (0, 1], got {density}")
-    targets, placements = {}, {}
+    targets = {}
     for kind in kinds:  # each kind keeps its own targets (IA3 acts on other modules than LoRA)
         of_kind = [s for s in sources if s.kind == kind]
         widest = max(of_kind, key=lambda s: len(s.manifest.targets))
@@ -215,12 +216,7 @@ def _check_sources(sources: list[Source], strategy: str, density: float) -> dict
                 raise MergeError(f"plugins {widest.name!r} and {s.name!r} adapt different layers (e.g. {extra[0]!r} "
                                  f"only in {s.name!r}); merging needs one's targets within the other's: train with "
                                  "the same adaptor.targets")
-        targets[kind], placements[kind] = list(widest.manifest.targets), (widest.name, widest.manifest.placement)
-    if len({p for _, p in placements.values()}) > 1:
-        (a, pa), (b, pb) = list(placements.values())[:2]
-        raise MergeError(f"plugins {a!r} (placement {pa!r}) and {b!r} (placement {pb!r}) hold different kinds placed "
-                         "by different adaptor.targets; a model with groups of several kinds is built with one "
-                         "placement (each kind at its own modules of it): train them with the same adaptor.targets")
+        targets[kind] = list(widest.manifest.targets)
     return targets
 
 
@@ -360,7 +356,7 @@ def _merge_kinds(sources, plan, targets, strategy, density) -> tuple[AdaptorInfo
                              f"into one group {g!r} ({a} + {b}): groups of different kinds are different functions "
                              "that no strategy combines into one; route it to one group, or to groups of one kind")
         kind_of[g] = kinds[0]
-    configs, parts = {}, {}
+    configs, parts, owners = {}, {}, []
     for kind in dict.fromkeys(kind_of[g] for g in plan.groups):
         part = _Plan([g for g in plan.groups if kind_of[g] == kind],
                      {g: o for g, o in plan.owner.items() if kind_of[g] == kind},
@@ -370,8 +366,12 @@ def _merge_kinds(sources, plan, targets, strategy, density) -> tuple[AdaptorInfo
             raise MergeError(problem)
         of_kind = [p for s in sources for p in s.parts() if p.kind == kind]
         info, tensors = _merge_adaptors(of_kind, part, targets[kind], strategy, density)
+        owners.append(max(of_kind, key=lambda s: len(s.manifest.targets)))
         configs[kind], parts[kind] = info.config(), (of_kind[0].manifest.prefix, tensors)
-    mixed = compose_kinds([kind_of[g] for g in plan.groups], configs)
+    placements = {p.kind: p.manifest.placement for p in owners}  # each kind's (widest) placement
+    placement = max(sources, key=lambda s: len(s.manifest.targets)).manifest.placement
+    mixed = compose_kinds([kind_of[g] for g in plan.groups], configs,
+                          {k: p for k, p in placements.items() if p != placement})
     prefix, out, names = sources[0].manifest.prefix, {}, []
     for kind, (own_prefix, tensors) in parts.items():
         names += [mixed.target(t, kind) for t in targets[kind]]

@@ -227,3 +227,21 @@ def test_apply_plugin_fills_a_mixed_model_group_by_group(unified):
     plugin, tensors = load_plugin(out.parent / "qa")
     with pytest.raises(MergeError, match="the plugin's 'question' is a ia3 group but the model's 'caption.image'"):
         apply_plugin(fresh, plugin, tensors, mapping={"question": "caption.image", "answer": "caption.text"})
+
+
+def test_kinds_placed_by_different_targets_keep_their_own_placement(tmp_path):
+    caption = source_model("lora", "image,text", 1, targets="A")
+    qa = source_model("ia3", "question,answer", 2, targets="AF")
+    dirs = [save_source(tmp_path, caption, "caption", "A"), save_source(tmp_path, qa, "qa", "AF")]
+    out, manifest = merge_to_dir(tmp_path / "unified", [f"caption={dirs[0]}", f"qa={dirs[1]}"])
+    own = {k: manifest.adaptor.options["placements"].get(k, manifest.placement) for k in ("lora", "ia3")}
+    assert own == {"lora": "A", "ia3": "AF"}
+    model = load_model(out, tiny_lm("llama")).model.lm
+    assert not any(".mlp." in t for t in model.target_names if t.endswith(".lora"))
+    for task, source in (("caption", caption), ("qa", qa)):
+        ids, ctx = _inputs(len(source.vocab), seed=len(task))
+        remapped = route_map(manifest, task, source.vocab.names)[ctx + 1]
+        assert torch.equal(_logits(model, ids, remapped), _logits(source, ids, ctx)), task
+    # merged again, each kind keeps its placement
+    again, again_manifest = merge_to_dir(tmp_path / "again", [str(out)])
+    assert again_manifest.adaptor == manifest.adaptor

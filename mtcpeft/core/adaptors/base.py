@@ -95,6 +95,10 @@ class AdaptorConfig:
         """The single-kind configs whose placements this config injects: itself (a mixed config: one per kind)."""
         return [self]
 
+    def member_targets(self, member: "AdaptorConfig", targets):
+        """Where ``member`` (one of :meth:`members`) is placed, given the model's ``targets``: there."""
+        return targets
+
     def wrap(self, base: nn.Module, router: Router, name: str,
              placed: Sequence[tuple["AdaptorConfig", str, dict]]) -> tuple[nn.Module, list[str]]:
         """(the module replacing the projection ``name``, the names of the context layers in it, relative to the

@@ -5,7 +5,8 @@ Config: ``kinds`` names the kind of each context group, in the model's context o
 kind's options (``{"lora": {"rank": 4, ...}, "ia3": {}}``). Each kind acts where its own placement puts it (LoRA
 and BitFit on projection outputs, IA3 on keys, values and the FFN intermediate), so a projection gets one context
 layer per kind that acts on it, named ``<module>.<kind>``, holding that kind's groups only (stacked over its own
-groups: the leading dim of its tensors is the number of groups of that kind).
+groups: the leading dim of its tensors is the number of groups of that kind). A kind placed unlike the model's
+targets (caption LoRA on "A", QA IA3 on "AF") keeps its own placement (``placements``).
 
 Layer (:class:`MixedLayer`): the kinds' own layers are chained on ONE call of the frozen projection — each kind's
 layer takes the next inner one as its base (the innermost takes the projection). A token of another kind is
@@ -39,6 +40,8 @@ class MixedConfig(AdaptorConfig):
 
     kinds: list[str] = field(default_factory=list)  # the kind of each context group, in context order
     kind_options: dict[str, dict] = field(default_factory=dict)  # each kind's options: {"lora": {"rank": 8}}
+    # where a kind is placed unlike the model's targets: {"lora": "A"} (a preset or comma-separated patterns)
+    placements: dict[str, str] = field(default_factory=dict)
 
     strategies = {"keep": "keeps each group as it is"}
     composite = True
@@ -53,6 +56,9 @@ class MixedConfig(AdaptorConfig):
         if set(self.kind_options) != set(self.kinds):
             raise OptionError("mixed", "kind_options", f"must hold the options of exactly the kinds {self.kind_order}",
                               sorted(self.kind_options))
+        if not set(self.placements) <= set(self.kinds):
+            raise OptionError("mixed", "placements", f"must name kinds of the groups {self.kind_order}",
+                              sorted(self.placements))
         self._configs = {}
         for k in self.kind_order:
             try:
@@ -67,9 +73,12 @@ class MixedConfig(AdaptorConfig):
         return list(dict.fromkeys(self.kinds))
 
     @classmethod
-    def of(cls, kinds: Sequence[str], configs: dict[str, AdaptorConfig]) -> "MixedConfig":
-        """The mixed config of groups of ``kinds`` (one per context), each kind with its config in ``configs``."""
-        return cls(kinds=list(kinds), kind_options={k: configs[k].options() for k in dict.fromkeys(kinds)})
+    def of(cls, kinds: Sequence[str], configs: dict[str, AdaptorConfig],
+           placements: dict[str, str] | None = None) -> "MixedConfig":
+        """The mixed config of groups of ``kinds`` (one per context), each kind with its config in ``configs`` and,
+        where it is placed unlike the model's targets, its placement in ``placements``."""
+        return cls(kinds=list(kinds), kind_options={k: configs[k].options() for k in dict.fromkeys(kinds)},
+                   placements=dict(placements or {}))
 
     def kind_config(self, kind: str) -> AdaptorConfig:
         return self._configs[kind]
@@ -77,6 +86,9 @@ class MixedConfig(AdaptorConfig):
     # ------------------------------------------------------------------------------------------- injection
     def members(self) -> list[AdaptorConfig]:
         return [self._configs[k] for k in self.kind_order]
+
+    def member_targets(self, member: AdaptorConfig, targets):
+        return self.placements.get(member.name, targets)
 
     def wrap(self, base, router: Router, name: str, placed) -> tuple[nn.Module, list[str]]:
         if router.num_contexts != len(self.kinds):
@@ -159,12 +171,14 @@ class MixedLayer(nn.Module):
         return f"kinds={self.order}"
 
 
-def compose_kinds(kinds: Sequence[str], configs: dict[str, AdaptorConfig]) -> AdaptorConfig:
+def compose_kinds(kinds: Sequence[str], configs: dict[str, AdaptorConfig],
+                  placements: dict[str, str] | None = None) -> AdaptorConfig:
     """The adaptor config of a model whose context groups have the given ``kinds`` (one per context, in context
-    order), each kind with its config in ``configs``: that kind's own config when there is one kind, else mixed."""
+    order), each kind with its config in ``configs`` (and its own placement in ``placements``, if any): that
+    kind's own config when there is one kind, else mixed."""
     if len(set(kinds)) == 1:
         return configs[kinds[0]]
-    return MixedConfig.of(kinds, configs)
+    return MixedConfig.of(kinds, configs, placements)
 
 
 MixedConfig.layer_cls = None  # injected through wrap(), never as one layer class
