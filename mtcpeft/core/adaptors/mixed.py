@@ -94,7 +94,7 @@ class MixedConfig(AdaptorConfig):
         if router.num_contexts != len(self.kinds):
             raise OptionError("mixed", "kinds", f"must name one kind per context ({router.num_contexts})", self.kinds)
         layer = MixedLayer(base, router, self, name, [(c.name, role, kw) for c, role, kw in placed])
-        return layer, [f"{name}.{k}" for k in layer.order]
+        return layer, [self.target(name, k) for k in layer.order]
 
     def at(self, target: str) -> AdaptorConfig:
         kind = target.rpartition(".")[2]
