@@ -146,6 +146,26 @@ def build_plan(context_ids: torch.Tensor, num_contexts: int) -> RoutingPlan:
     return RoutingPlan(n, num_contexts, counts, None, live_mask, perm, ids)
 
 
+def restrict_plan(plan: RoutingPlan, groups: Sequence[int], table: torch.Tensor) -> RoutingPlan:
+    """The plan of the same tokens over the contexts ``groups`` only (increasing ids of ``plan``), renumbered
+    0..len(groups)-1; tokens of every other context become -1. ``table`` (C + 1,) long maps ``id + 1`` to the new id.
+
+    No sort and no host sync: counts are the plan's own, and the permutation is the concatenation of the plan's
+    (already context-sorted) segments of ``groups``, which come in the same order. Used by layers that serve a
+    subset of a model's contexts (one kind's groups in a mixed-kind model)."""
+    counts = tuple(plan.counts[g] for g in groups)
+    ids = table.to(plan.ids.device)[plan.ids + 1]
+    live_mask = None if sum(counts) == plan.num_tokens else ids >= 0
+    used = [j for j, k in enumerate(counts) if k]
+    if len(used) <= 1:
+        return RoutingPlan(plan.num_tokens, len(groups), counts, used[0] if used else None, live_mask, None, ids)
+    starts = [0]
+    for k in plan.counts:
+        starts.append(starts[-1] + k)
+    perm = torch.cat([plan.perm[starts[g]:starts[g + 1]] for g in groups if plan.counts[g]])
+    return RoutingPlan(plan.num_tokens, len(groups), counts, None, live_mask, perm, ids)
+
+
 class Router:
     """Holds the routing plan of the forward in progress for every adapted layer of one model (a plain object,
     not a module).

@@ -161,23 +161,31 @@ def resolve_targets(
 
 
 def inject(model: nn.Module, config: AdaptorConfig, router: Router, targets: str | Sequence[str] = "AF") -> list[str]:
-    """Freeze every parameter of ``model``, then wrap the targets with ``config``'s layer. Returns their names."""
+    """Freeze every parameter of ``model``, then wrap the targets with ``config``'s layers (each member kind of a mixed
+    config at its own placement). Returns the names of the context layers, in model order."""
     if any(isinstance(m, ContextLayer) for m in model.modules()):
         raise TargetError("this model already holds context adaptors; inject into a fresh copy of the base model")
     for p in model.parameters():
         p.requires_grad_(False)
-    if config.layer_cls is None:  # the "none" adaptor
+    members = [m for m in config.members() if m.layer_cls is not None]
+    if not members:  # the "none" adaptor
         return []
-    specs = resolve_targets(model, config, targets)
-    for name, role, parts in specs:
+    names = projection_names(model)
+    placed: dict[str, list[tuple[AdaptorConfig, str, dict]]] = {}  # module -> what acts on it (one per kind)
+    for member in members:
+        for name, role, parts in resolve_targets(model, member, config.member_targets(member, targets)):
+            kwargs = {}
+            if parts is not None:
+                d_in, d_out = projection_dims(model.get_submodule(name))
+                width = d_out if role == "out" else d_in
+                first, n = parts
+                kwargs["feature_slice"] = (width * first // n, width)
+            placed.setdefault(name, []).append((member, role, kwargs))
+    adapted = []
+    for name in sorted(placed, key=names.index):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        base = getattr(parent, attr)
-        kwargs = {}
-        if parts is not None:
-            d_in, d_out = projection_dims(base)
-            width = d_out if role == "out" else d_in
-            first, n = parts
-            kwargs["feature_slice"] = (width * first // n, width)
-        setattr(parent, attr, config.layer_cls(base, router, config, role, name, **kwargs))
-    return [s[0] for s in specs]
+        module, layers = config.wrap(getattr(parent, attr), router, name, placed[name])
+        setattr(parent, attr, module)
+        adapted += layers
+    return adapted

@@ -10,7 +10,11 @@ A plugin is a directory:
     format_version  1
     task            the task that trained it ("caption"), or the name of a merged plugin ("unified")
     contexts        the adaptor groups, in stacking order (leading dim of every adaptor tensor)
-    adaptor         {kind, <the kind's options (its config's fields)>, full_finetune}
+    adaptor         {kind, <the kind's options (its config's fields)>, full_finetune}; a mixed-kind plugin (kind
+                    "mixed") records the kind of each context ("kinds", in context order) and each kind's options
+                    ("kind_options"), and the placement of a kind placed unlike ``placement`` ("placements"); its
+                    targets are then ``<module>.<kind>``, one per kind acting on a module, each stacked over that
+                    kind's contexts only
     placement       "A" / "F" / "AF" or comma-separated module-name patterns (how the targets were chosen)
     targets         adapted module names of the LM, in model order
     base_lm         where the base LM came from; base_lm_fingerprint: hash of its frozen weights
@@ -366,18 +370,23 @@ def adaptor_param_names(kind: str) -> tuple[str, ...]:
 
 
 def adaptor_tensor_names(manifest: Manifest) -> dict[str, tuple[str, str]]:
-    """``{tensor name: (target module, param)}`` that the manifest's targets and adaptor kind call for."""
+    """``{tensor name: (target module, param)}`` that the manifest's targets and adaptor kind call for (each
+    target's tensors are those of its kind: :meth:`~mtcpeft.core.adaptors.AdaptorConfig.at`)."""
     if manifest.adaptor.full_finetune:
         return {}
-    prefix, params = manifest.prefix, adaptor_param_names(manifest.adaptor.kind)
-    return {f"{prefix}{t}.{p}": (t, p) for t in manifest.targets for p in params}
+    prefix, config = manifest.prefix, manifest.adaptor.config()
+    return {f"{prefix}{t}.{p}": (t, p) for t in manifest.targets for p in config.at(t).param_names()}
 
 
 def _check_adaptor_shapes(manifest: Manifest, config, where: str) -> None:
-    """Every target has its tensors, stacked over the contexts, in the shapes the adaptor kind declares."""
-    shapes, n_ctx = manifest.tensors, len(manifest.contexts)
-    wanted = adaptor_tensor_names(manifest)
-    params = adaptor_param_names(config.name)
+    """Every target has its tensors, stacked over its contexts (all of them; in a mixed-kind plugin, those of the
+    target's kind), in the shapes its adaptor kind declares."""
+    shapes = manifest.tensors
+    try:
+        wanted = adaptor_tensor_names(manifest)
+    except ValueError as e:  # a target the config cannot place (a mixed plugin's layer names end in their kind)
+        raise _fail(where, f"bad targets: {e}") from None
+    params = {p for member in config.members() for p in member.param_names()}
     missing = [n for n in wanted if n not in shapes]
     if missing:
         target, param = wanted[missing[0]]
@@ -389,14 +398,16 @@ def _check_adaptor_shapes(manifest: Manifest, config, where: str) -> None:
     if stray:
         raise _fail(where, f"tensor {stray[0]!r} is an adaptor tensor of no listed target; add its module to "
                            "'targets' or drop the tensor")
-    for name in wanted:
-        if not shapes[name] or shapes[name][0] != n_ctx:
-            raise _fail(where, f"tensor {name!r} has leading dim {(shapes[name] or [None])[0]} but the manifest "
-                               f"lists {n_ctx} contexts {manifest.contexts}; adaptor tensors are stacked over "
-                               "contexts")
     prefix = manifest.prefix
+    for name, (t, _) in wanted.items():
+        groups = config.groups_at(t, manifest.contexts)
+        if not shapes[name] or shapes[name][0] != len(groups):
+            raise _fail(where, f"tensor {name!r} has leading dim {(shapes[name] or [None])[0]} but the manifest "
+                               f"lists {len(groups)} contexts {groups} for it; adaptor tensors are stacked over "
+                               "contexts")
     for t in manifest.targets:
-        problem = config.shape_problem({p: shapes[f"{prefix}{t}.{p}"] for p in params})
+        kind = config.at(t)
+        problem = kind.shape_problem({p: shapes[f"{prefix}{t}.{p}"] for p in kind.param_names()})
         if problem is not None:
             param, what = problem
             raise _fail(where, f"tensor {prefix + t + '.' + param!r} {what}")

@@ -19,9 +19,12 @@ mix tasks with no adapter switching (each token picks its group).
   needs), how a source group is stored under them, exactly (``conform``, e.g. rank padding and scale folding),
   and the group that changes nothing (``identity_group``), given to targets a source lacks (allowed when its
   targets are a subset of another's). Only the tensor names the kind declares are touched.
-* Refused: plugins of different base LMs (fingerprint), different adaptor kinds, fully fine-tuned LMs, a strategy
-  the kind does not define, target sets that are not nested, different widths, and two different projectors
-  unless ``projector`` picks one.
+* Plugins of different adaptor kinds (caption LoRA + QA IA3 + a BitFit plugin) merge into a mixed-kind plugin
+  (:mod:`mtcpeft.core.adaptors.mixed`): every group keeps its kind, each kind's groups merge among themselves as
+  above, each kind keeps its own targets, and the manifest's adaptor records the kind of each group.
+* Refused: plugins of different base LMs (fingerprint), fully fine-tuned LMs, a strategy the kind does not define,
+  a new group combining groups of different kinds, target sets of one kind that are not nested, different widths,
+  and two different projectors unless ``projector`` picks one.
 
 The manifest adds ``routes`` {task: {task context: group}} (each source task routes to its own groups),
 ``generated`` {task: group of generated tokens}, ``merge`` {strategy, density, new_groups, exact} and
@@ -34,16 +37,15 @@ from __future__ import annotations
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from mtcpeft.core.adaptors import ADAPTORS, AdaptorConfig, GroupMergeError
+from mtcpeft.core.adaptors import ADAPTORS, AdaptorConfig, GroupMergeError, compose_kinds
 from mtcpeft.core.model import ContextModel
-from .manifest import (AdaptorInfo, Manifest, MergeInfo, PluginError, SourceInfo, adaptor_param_names, load_plugin,
-                       save_plugin)
+from .manifest import AdaptorInfo, Manifest, MergeInfo, PluginError, SourceInfo, load_plugin, save_plugin
 
 STRATEGIES = ("keep", "average", "ties", "concat")
 PROJECTOR_PREFIX = "projector."
@@ -111,6 +113,25 @@ class Source:
     def config(self) -> AdaptorConfig:
         return self.manifest.adaptor.config()
 
+    def parts(self) -> list["Source"]:
+        """Single-kind views of this plugin: itself, or for a plugin of several kinds one per kind (its groups of
+        that kind, stacked, under the names of the modules they adapt), named and routed as the plugin."""
+        if self.manifest.adaptor.full_finetune:
+            return [self]
+        pieces = self.config.split(self.manifest.contexts, self.manifest.targets)
+        if len(pieces) == 1:
+            return [self]
+        prefix, out = self.manifest.prefix, []
+        for config, contexts, targets in pieces:
+            # a layer of a kind stacks that kind's groups only: its tensors are the part's as they are
+            tensors = {f"{prefix}{module}.{p}": self.tensors[f"{prefix}{t}.{p}"]
+                       for t, module in targets for p in config.param_names()}
+            manifest = replace(self.manifest, contexts=contexts, adaptor=AdaptorInfo.of(config),
+                               targets=[module for _, module in targets], tensors={},
+                               placement=self.config.member_targets(config, self.manifest.placement))
+            out.append(Source(self.name, manifest, tensors, self.path))
+        return out
+
 
 def parse_plugin_arg(text: str) -> tuple[str | None, str]:
     """``"caption=runs/caption/plugin"`` -> ("caption", path); a bare path -> (None, path)."""
@@ -151,8 +172,8 @@ def _mergeable() -> list[str]:
     return [k for k in ADAPTORS if ADAPTORS.get(k).param_names()]
 
 
-def _check_sources(sources: list[Source], strategy: str, density: float) -> list[str]:
-    """Refuse what cannot be combined; return the merged targets (the largest set, in model order)."""
+def _check_sources(sources: list[Source], strategy: str, density: float) -> dict[str, list[str]]:
+    """Refuse what cannot be combined; return the merged targets of each kind (its largest set, in model order)."""
     if not sources:
         raise MergeError("nothing to merge: pass at least one plugin")
     names = [s.name for s in sources]
@@ -173,28 +194,30 @@ def _check_sources(sources: list[Source], strategy: str, density: float) -> list
         if s.manifest.adaptor.full_finetune:
             raise MergeError(f"{where} fine-tunes the whole LM: only adaptor plugins ({', '.join(_mergeable())}) "
                              "merge")
-        if s.kind not in _mergeable():
+        if s.kind not in _mergeable() and not ADAPTORS.get(s.kind).composite:
             raise MergeError(f"{where} holds no adaptor groups (kind {s.kind!r}); only adaptor plugins "
                              f"({', '.join(_mergeable())}) merge")
-        if s.kind != first.kind:
-            raise MergeError(f"cannot merge a {first.kind} plugin ({first.name!r}) with a {s.kind} plugin "
-                             f"({s.name!r}): their groups are different tensors; train them with one adaptor kind")
     if strategy not in STRATEGIES:
         raise MergeError(f"unknown strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}")
+    sources = [part for s in sources for part in s.parts()]  # a plugin of several kinds: one part per kind
+    kinds = list(dict.fromkeys(s.kind for s in sources))
     problem = ADAPTORS.get(first.kind).strategy_problem(strategy)
-    if problem:
+    if problem and len(kinds) == 1:
         raise MergeError(problem)
     if strategy == "ties" and not 0.0 < density <= 1.0:
         raise MergeError(f"TIES density must be in (0, 1], got {density}")
-    widest = max(sources, key=lambda s: len(s.manifest.targets))
-    targets = widest.manifest.targets
-    for s in sources:
-        extra = [t for t in s.manifest.targets if t not in targets]
-        if extra:
-            raise MergeError(f"plugins {widest.name!r} and {s.name!r} adapt different layers (e.g. {extra[0]!r} only "
-                             f"in {s.name!r}); merging needs one's targets within the other's: train with the same "
-                             "adaptor.targets")
-    return list(targets)
+    targets = {}
+    for kind in kinds:  # each kind keeps its own targets (IA3 acts on other modules than LoRA)
+        of_kind = [s for s in sources if s.kind == kind]
+        widest = max(of_kind, key=lambda s: len(s.manifest.targets))
+        for s in of_kind:
+            extra = [t for t in s.manifest.targets if t not in widest.manifest.targets]
+            if extra:
+                raise MergeError(f"plugins {widest.name!r} and {s.name!r} adapt different layers (e.g. {extra[0]!r} "
+                                 f"only in {s.name!r}); merging needs one's targets within the other's: train with "
+                                 "the same adaptor.targets")
+        targets[kind] = list(widest.manifest.targets)
+    return targets
 
 
 @dataclass
@@ -312,6 +335,52 @@ def _merge_adaptors(sources, plan, targets, strategy, density) -> tuple[AdaptorI
     return AdaptorInfo.of(merged), out
 
 
+def _merge_kinds(sources, plan, targets, strategy, density) -> tuple[AdaptorInfo, dict, list[str]]:
+    """Plugins of several kinds: every group keeps its kind. Each kind's groups merge among themselves exactly as in
+    a one-kind merge (its own targets, options and strategies: :func:`_merge_adaptors` on that kind's part of the
+    plan), and the unified adaptor is the kinds' composition (:func:`~mtcpeft.core.adaptors.compose_kinds`), whose
+    layer at a module holds one context layer per kind acting there. Returns (adaptor entry, tensors, targets)."""
+    owner = {}  # group -> (the single-kind part of its plugin holding it, its index there)
+    for s in sources:
+        for part in s.parts():
+            for i, c in enumerate(part.manifest.contexts):
+                owner[s.group(c)] = (part, i)
+    plan = _Plan(plan.groups, owner, plan.new, plan.routes, plan.generated)
+    kind_of = {g: s.kind for g, (s, _) in plan.owner.items()}
+    for g, members in plan.new.items():
+        kinds = list(dict.fromkeys(kind_of[m] for m in members))
+        if len(kinds) > 1:
+            (a, (sa, _)), (b, (sb, _)) = [next((m, plan.owner[m]) for m in members if kind_of[m] == k)
+                                          for k in kinds[:2]]
+            raise MergeError(f"cannot merge a {kinds[0]} plugin ({sa.name!r}) with a {kinds[1]} plugin ({sb.name!r}) "
+                             f"into one group {g!r} ({a} + {b}): groups of different kinds are different functions "
+                             "that no strategy combines into one; route it to one group, or to groups of one kind")
+        kind_of[g] = kinds[0]
+    configs, parts, owners = {}, {}, []
+    for kind in dict.fromkeys(kind_of[g] for g in plan.groups):
+        part = _Plan([g for g in plan.groups if kind_of[g] == kind],
+                     {g: o for g, o in plan.owner.items() if kind_of[g] == kind},
+                     {g: m for g, m in plan.new.items() if kind_of[g] == kind}, plan.routes, plan.generated)
+        problem = ADAPTORS.get(kind).strategy_problem(strategy)
+        if problem and part.new:
+            raise MergeError(problem)
+        of_kind = [p for s in sources for p in s.parts() if p.kind == kind]
+        info, tensors = _merge_adaptors(of_kind, part, targets[kind], strategy, density)
+        owners.append(max(of_kind, key=lambda s: len(s.manifest.targets)))
+        configs[kind], parts[kind] = info.config(), (of_kind[0].manifest.prefix, tensors)
+    placements = {p.kind: p.manifest.placement for p in owners}  # each kind's (widest) placement
+    placement = max(sources, key=lambda s: len(s.manifest.targets)).manifest.placement
+    mixed = compose_kinds([kind_of[g] for g in plan.groups], configs,
+                          {k: p for k, p in placements.items() if p != placement})
+    prefix, out, names = sources[0].manifest.prefix, {}, []
+    for kind, (own_prefix, tensors) in parts.items():
+        names += [mixed.target(t, kind) for t in targets[kind]]
+        for key, value in tensors.items():
+            module, _, param = key[len(own_prefix):].rpartition(".")
+            out[f"{prefix}{mixed.target(module, kind)}.{param}"] = value
+    return AdaptorInfo.of(mixed), out, names
+
+
 def _projector(sources: list[Source], pick: str | None) -> Source | None:
     """The one plugin whose projector (and vision encoder) the merged plugin keeps."""
     holders = [s for s in sources if any(k.startswith(PROJECTOR_PREFIX) for k in s.tensors)]
@@ -348,7 +417,12 @@ def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (),
         if stray:
             raise MergeError(f"plugin {s.name!r} holds {stray[0]!r}, neither an adaptor nor a projector tensor")
     plan = _plan(sources, routes, strategy, generated)
-    adaptor, tensors = _merge_adaptors(sources, plan, targets, strategy, density)
+    if all(len(s.parts()) == 1 for s in sources) and len(targets) == 1:
+        (kind_targets,) = targets.values()
+        adaptor, tensors = _merge_adaptors(sources, plan, kind_targets, strategy, density)
+        merged_targets = kind_targets
+    else:
+        adaptor, tensors, merged_targets = _merge_kinds(sources, plan, targets, strategy, density)
     proj = _projector(sources, projector)
     if proj is not None:
         tensors.update({k: v for k, v in proj.tensors.items() if k.startswith(PROJECTOR_PREFIX)})
@@ -360,7 +434,7 @@ def merge_plugins(sources: Sequence[Source], routes: Sequence[Route | str] = (),
         generated_context=None,
         adaptor=adaptor,
         placement=widest.manifest.placement,
-        targets=targets,
+        targets=merged_targets,
         base_lm=first.base_lm,
         base_lm_fingerprint=first.base_lm_fingerprint,
         vision=proj.manifest.vision if proj else None,
@@ -433,15 +507,22 @@ def apply_plugin(model: ContextModel, manifest: Manifest, tensors: dict[str, tor
     """Copy a plugin's groups into ``model`` by context name; returns {plugin context: model context}.
 
     A plugin context ``c`` of task ``t`` goes to ``mapping[c]``, else to the model's context ``c``, else to
-    ``t.c`` (so a task plugin fills its namespaced groups of a unified model). Each group is stored as the model's
+    ``t.c`` (so a task plugin fills its namespaced groups of a unified model, whatever kinds the model mixes: each
+    group goes to the model's layer of its kind at the same module). Each group is stored as the model's
     adaptor config holds it (:meth:`~mtcpeft.core.adaptors.AdaptorConfig.conform`: e.g. a smaller rank
     zero-padded, another scale folded into B; exact). Model groups and targets the plugin does not name are left
     as they are.
     """
-    kind, full = manifest.adaptor.kind, manifest.adaptor.full_finetune
-    if full or model.adaptor.name != kind:
-        raise MergeError(f"the plugin holds {'a fully fine-tuned LM' if full else kind + ' adaptors'}; the model has "
-                         f"{model.adaptor.name} adaptors")
+    full = manifest.adaptor.full_finetune
+    saved_as = manifest.adaptor.config()
+    # per kind: the model's layer at each module and the model contexts that kind's layers stack
+    own_layers = {}
+    for config, contexts, targets in model.adaptor.split(model.vocab.names, model.target_names):
+        own_layers.update({(config.name, module): (layer, config, contexts) for layer, module in targets})
+    model_kinds = sorted({k for k, _ in own_layers})
+    if full or any(config.name not in model_kinds for config in saved_as.members()):
+        holds = "a fully fine-tuned LM" if full else manifest.adaptor.kind + " adaptors"
+        raise MergeError(f"the plugin holds {holds}; the model has {model.adaptor.name} adaptors")
     prefix = manifest.prefix if prefix is None else prefix
     mapping = mapping or {}
     where = {}
@@ -454,26 +535,30 @@ def apply_plugin(model: ContextModel, manifest: Manifest, tensors: dict[str, tor
             raise MergeError(f"the model has no context for the plugin's {c!r} (tried {c!r} and "
                              f"{manifest.task}.{c!r}); its contexts: {list(model.vocab.names)}; pass mapping=")
     layers = dict(model.context_layers())
-    saved_as = manifest.adaptor.config()
-    problem = model.adaptor.fit_problem(saved_as)
-    if problem:
-        raise MergeError(f"the plugin does not fit the model: {problem}")
-    params = adaptor_param_names(kind)
     with torch.no_grad(), _as_merge_error():
-        for t in manifest.targets:
-            if t not in layers:
-                raise MergeError(f"the plugin adapts {t!r}, which the model does not; build it with the plugin's "
-                                 f"placement {manifest.placement!r}")
-            own = [getattr(layers[t], p) for p in params]
-            src = [tensors[f"{prefix}{t}.{p}"] for p in params]
-            for p, o, x in zip(params, own, src):
-                if x.shape[-1] != o.shape[-1] or x.shape[2:-1] != o.shape[2:-1]:
-                    raise MergeError(f"{t}.{p}: plugin shape {list(x.shape)} does not fit the model's "
-                                     f"{list(o.shape)} (another base LM or placement?)")
-            for i, c in enumerate(manifest.contexts):
-                group = model.adaptor.conform([x[i] for x in src], saved_as)  # e.g. rank padding, scale folding
-                for o, row in zip(own, group):
-                    o[model.vocab.id(where[c])].copy_(row)
+        for source, contexts, targets in saved_as.split(manifest.contexts, manifest.targets):
+            for t, module in targets:
+                if (source.name, module) not in own_layers:
+                    raise MergeError(f"the plugin adapts {t!r}, which the model does not; build it with the plugin's "
+                                     f"placement {manifest.placement!r}")
+                layer, own_config, stacked = own_layers[(source.name, module)]
+                problem = own_config.fit_problem(source)
+                if problem:
+                    raise MergeError(f"the plugin does not fit the model: {problem}")
+                params = source.param_names()
+                own = [getattr(layers[layer], p) for p in params]
+                src = [tensors[f"{prefix}{t}.{p}"] for p in params]
+                for p, o, x in zip(params, own, src):
+                    if x.shape[-1] != o.shape[-1] or x.shape[2:-1] != o.shape[2:-1]:
+                        raise MergeError(f"{t}.{p}: plugin shape {list(x.shape)} does not fit the model's "
+                                         f"{list(o.shape)} (another base LM or placement?)")
+                for i, c in enumerate(contexts):
+                    if where[c] not in stacked:
+                        raise MergeError(f"the plugin's {c!r} is a {source.name} group but the model's {where[c]!r} "
+                                         "is of another kind; build the model with the plugin's kind of each group")
+                    group = own_config.conform([x[i] for x in src], source)  # e.g. rank padding, scale folding
+                    for o, row in zip(own, group):
+                        o[stacked.index(where[c])].copy_(row)
     return where
 
 

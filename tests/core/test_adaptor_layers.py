@@ -111,5 +111,5 @@ def test_bad_lora_options(kwargs, match):
 
 
 def test_unknown_adaptor_lists_known():
-    with pytest.raises(KeyError, match="unknown adaptor 'loha'; known: bitfit, ia3, lora, none"):
+    with pytest.raises(KeyError, match="unknown adaptor 'loha'; known: bitfit, ia3, lora, mixed, none"):
         adaptor_config("loha")

@@ -231,8 +231,9 @@ def test_refusals_name_the_conflict(tmp_path):
                                          r"fingerprints \w+ \('tiny'\) vs \w+"):
         merge_plugins(load_sources([cdir, other]))
     bitfit = _save(tmp_path, _source("bitfit", "question,answer", 2), "bf")
+    # plugins of different kinds merge (tests/plugins/test_mixed_kinds.py); one group of two kinds cannot
     with pytest.raises(MergeError, match=r"cannot merge a lora plugin \('caption'\) with a bitfit plugin \('bf'\)"):
-        merge_plugins(load_sources([cdir, bitfit]))
+        merge_plugins(load_sources([cdir, bitfit]), ["vqa.text=caption.text+bf.answer"], "average")
     with pytest.raises(MergeError, match="strategy 'concat' concatenates LoRA ranks; for bitfit use average or ties"):
         merge_plugins(load_sources([bitfit]), strategy="concat")
     with pytest.raises(MergeError, match="two plugins are named 'caption'"):

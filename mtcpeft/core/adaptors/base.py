@@ -61,6 +61,8 @@ class AdaptorConfig:
     # "activations" (keys/values at their projections' output, the FFN intermediate at the down projection's input:
     # IA3); with module-name patterns, "activations" kinds also read a ":in" / ":out" suffix
     placement: ClassVar[str] = "proj"
+    # a composite kind holds groups of other kinds (mixed); single kinds are False
+    composite: ClassVar[bool] = False
 
     # the value every tensor of a group holds when the group changes nothing (an added bias 0, a scale 1)
     identity: ClassVar[float] = 0.0
@@ -87,6 +89,36 @@ class AdaptorConfig:
     def param_names(cls) -> tuple[str, ...]:
         """Names of the per-context tensors of the kind's layer (none for a kind that injects nothing)."""
         return cls.layer_cls.adaptor_param_names if cls.layer_cls is not None else ()
+
+    # ---------------------------------------------------------------------------------------- injection
+    def members(self) -> list["AdaptorConfig"]:
+        """The single-kind configs whose placements this config injects: itself (a mixed config: one per kind)."""
+        return [self]
+
+    def member_targets(self, member: "AdaptorConfig", targets):
+        """Where ``member`` (one of :meth:`members`) is placed, given the model's ``targets``: there."""
+        return targets
+
+    def wrap(self, base: nn.Module, router: Router, name: str,
+             placed: Sequence[tuple["AdaptorConfig", str, dict]]) -> tuple[nn.Module, list[str]]:
+        """(the module replacing the projection ``name``, the names of the context layers in it, relative to the
+        model). ``placed``: (member config, role, layer keyword arguments) of each member acting on ``name``."""
+        (config, role, kwargs), = placed
+        return config.layer_cls(base, router, config, role, name, **kwargs), [name]
+
+    def at(self, target: str) -> "AdaptorConfig":
+        """The single-kind config of the context layer ``target`` (a name :meth:`wrap` returned): this one."""
+        return self
+
+    def groups_at(self, target: str, contexts: Sequence[str]) -> list[str]:
+        """The contexts whose groups the layer ``target`` stacks, in stacking order: all of them."""
+        return list(contexts)
+
+    def split(self, contexts: Sequence[str], targets: Sequence[str]
+              ) -> list[tuple["AdaptorConfig", list[str], list[tuple[str, str]]]]:
+        """The single-kind parts of a plugin of this config: [(kind config, its contexts, [(target, module it
+        adapts)])]. One kind: this config, every context, each target adapting itself."""
+        return [(self, list(contexts), [(t, t) for t in targets])]
 
     # ------------------------------------------------------------------------------ tensors in a plugin
     def shape_problem(self, shapes: dict[str, list[int]]) -> tuple[str, str] | None:
