@@ -25,7 +25,7 @@ from mtcpeft.config import ConfigError, load_config
 from mtcpeft.data.task import CONFIG_DIR, get_task, offline_config, task_names
 from mtcpeft.io import prepare_run_dir
 from mtcpeft.training.fused import FusedTrainer, build_fused_model, check_fused_configs, fused_data
-from mtcpeft.training.trainer import make_accelerator
+from mtcpeft.training.trainer import make_accelerator, trainable_digest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
         data = fused_data(cfgs, tasks_, model, extras, progress=acc.is_local_main_process)
     trainer = FusedTrainer(cfgs, tasks_, model, data, acc)
     trainer.fit()
-    results = trainer.write_results(args.out)
+    # equal on every rank of a correct data-parallel run (a collective: every rank computes it)
+    digests = acc.gather_for_metrics([trainable_digest(acc, trainer.model)], use_gather_object=True)
+    results = trainer.write_results(args.out, rank_digests=digests)
     acc.wait_for_everyone()
     acc.end_training()
     for name, r in results["tasks"].items():

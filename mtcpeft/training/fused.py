@@ -303,8 +303,9 @@ class FusedTrainer:
         return {"tasks": out, "global_step": self.global_step, "world_size": self.acc.num_processes,
                 "distributed_type": str(self.acc.distributed_type)}
 
-    def write_results(self, root: str | Path) -> dict:
-        results = self.results()
+    def write_results(self, root: str | Path, **extra) -> dict:
+        """Each task's results.json in its output_dir, and the fused run's (with ``extra``) in ``root``."""
+        results = {**self.results(), **extra}
         if self.acc.is_main_process:
             for name, run in self.runs.items():
                 write_json(results["tasks"][name], Path(run.cfg.output_dir) / "results.json")

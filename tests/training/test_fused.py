@@ -13,11 +13,14 @@ from mtcpeft.errors import MtcpeftError
 from mtcpeft.training.fused import FusedConfigError, shared_copy
 
 LAYOUT = ["data.seq_len=160", "data.max_target_tokens=20"]  # QA prompts are long
-KINDS = {"caption": ["adaptor.kind=lora"], "qa": ["adaptor.kind=ia3", "train.lr=5e-2", "train.max_grad_norm=0.5"]}
+# different kinds, learning rates, clipping and lengths (qa: 2 steps an epoch, so it sits out the fused run's last 2)
+KINDS = {"caption": ["adaptor.kind=lora"],
+         "qa": ["adaptor.kind=ia3", "train.lr=5e-2", "train.max_grad_norm=0.5", "data.train_limit=16"]}
 
 
 def common(lm_dir: str, out: Path) -> list[str]:
-    """Tiny overrides for both tasks; 24 training examples, batch 8: 3 steps an epoch, 2 epochs."""
+    """Tiny overrides for both tasks; 24 training examples, batch 8: 3 steps an epoch, 2 epochs; the caption
+    projector keeps its dropout (0.1), which each task's own random stream must reproduce."""
     over = [o for o in tiny_overrides(lm_dir, out) if not o.startswith(("output_dir=", "data.train_limit",
                                                                           "data.val_limit"))]
     return [*over, *LAYOUT, "data.train_limit=24", "data.val_limit=8", "train.mixed_precision=no",
@@ -49,11 +52,12 @@ def test_each_fused_plugin_equals_the_task_trained_alone(runs):
     for name in ("caption", "qa"):
         mine, ref = plugin_tensors(root / "fused" / name), plugin_tensors(root / "alone" / name)
         assert mine.keys() == ref.keys()
+        assert mine and ref
         for k in ref:
             assert torch.equal(mine[k], ref[k]), f"{name} {k}: {(mine[k] - ref[k]).abs().max()}"
         r = fused["tasks"][name]
         assert r["best_epoch"] == alone[name]["best_epoch"]
-        assert r["global_step"] == alone[name]["global_step"] == 6
+        assert r["global_step"] == alone[name]["global_step"] == {"caption": 6, "qa": 4}[name]
         assert r["best_val_ppl"] == pytest.approx(alone[name]["best_val_ppl"], rel=1e-5)
         assert [row["val_ppl"] for row in r["history"]] == pytest.approx(
             [row["val_ppl"] for row in alone[name]["history"]], rel=1e-5)
@@ -110,3 +114,62 @@ def test_fused_refuses_what_it_cannot_do(tiny_lm_dir, tmp_path):
         train_fused.main([*base, "train.grad_accum=2"])
     with pytest.raises(MtcpeftError, match="two or more"):
         train_fused.main(["--tasks", "qa", "--out", str(tmp_path)])
+
+
+def test_a_task_without_label_tokens_takes_no_optimizer_step(tiny_lm_dir, tmp_path):
+    """One process: qa's every training batch has no label tokens, so its tensors stay as initialised (AdamW's
+    weight decay would move them on an empty step); caption trains as usual."""
+    from mtcpeft.training.fused import FusedTrainer, build_fused_model, fused_data
+    from mtcpeft.training.trainer import make_accelerator
+    from support.fused_ddp import NoLabels
+    from tasks import get_task
+
+    train_fused = launch_module("train_fused.py")
+    args = train_fused.parse_args(["--tasks", "caption,qa", "--out", str(tmp_path), *common(tiny_lm_dir, tmp_path),
+                                   "train.epochs=1", "train.weight_decay=0.1"])
+    cfgs = train_fused.task_configs(args)
+    tasks_ = {n: get_task(n) for n in cfgs}
+    fused, extras = build_fused_model(cfgs, tasks_)
+    data = fused_data(cfgs, tasks_, fused, extras, progress=False)
+    data["qa"] = (NoLabels(data["qa"][0]), data["qa"][1])
+    before = {n: {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
+              for n, m in fused.tasks.items()}
+    acc = make_accelerator(cfgs["qa"].train, str(tmp_path), log=False, find_unused_parameters=True)
+    FusedTrainer(cfgs, tasks_, fused, data, acc, write_plugins=False).fit()
+    after = {n: dict(m.named_parameters()) for n, m in fused.tasks.items()}
+    assert all(torch.equal(t, after["qa"][k]) for k, t in before["qa"].items())
+    assert any(not torch.equal(t, after["caption"][k]) for k, t in before["caption"].items())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_a_task_without_label_tokens_on_one_rank(tiny_lm_dir, tmp_path):
+    """2 CPU processes (gloo DDP): qa has no label tokens on rank 1 at every step, and sits out the last steps on
+    both ranks (unused parameters); the run neither hangs nor errors, both ranks end with identical tensors, and qa
+    still learns from rank 0's tokens."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root),
+           "ACCELERATE_USE_CPU": "1"}
+    sets = [f"--set={name}.{o}" for name, over in KINDS.items() for o in over]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(port), str(root / "tests" / "support" / "fused_ddp.py"),
+           "--tasks", "caption,qa", "--out", str(out), *sets, *common(tiny_lm_dir, tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    r = json.loads((out / "results.json").read_text())
+    assert r["world_size"] == 2 and r["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert len(r["rank_digests"]) == 2 and r["rank_digests"][0] == r["rank_digests"][1], "ranks diverged"
+    # 24 caption examples over 2 ranks x batch 8: 2 steps an epoch; qa's 16: 1 step an epoch
+    assert r["tasks"]["caption"]["global_step"] == 4 and r["tasks"]["qa"]["global_step"] == 2
+    qa = r["tasks"]["qa"]["history"]
+    assert qa[-1]["val_ppl"] < qa[0]["val_ppl"]
+    assert (out / "qa" / "plugin" / "plugin.json").is_file() and (out / "caption" / "plugin" / "plugin.json").is_file()
