@@ -40,6 +40,7 @@ from mtcpeft.core.losses import IGNORE, perplexity, target_nll
 from mtcpeft.io import write_json
 from mtcpeft.models.lm import load_lm
 from .build import build_task_model, task_plugin
+from .progress import error_text, write_progress
 from .trainer import DivergenceError, TrainState
 
 SHARED_KEYS = ("model.lm",)  # config keys every fused task must agree on (one backbone)
@@ -116,6 +117,10 @@ def check_fused_configs(cfgs: dict[str, RunConfig]) -> None:
         if cfg.train.grad_accum != 1:
             raise FusedConfigError(f"task {name} has train.grad_accum={cfg.train.grad_accum}: fused training does "
                                    "not accumulate gradients yet; set train.grad_accum=1 (a larger batch_size)")
+        if cfg.train.mixed_precision != first.train.mixed_precision:
+            raise FusedConfigError(f"fused tasks run under one precision, but {name} has train.mixed_precision="
+                                   f"{cfg.train.mixed_precision} and {first_name} {first.train.mixed_precision}; "
+                                   "set the same train.mixed_precision for every task")
         if cfg.train.resume:
             raise FusedConfigError(f"task {name} has train.resume=true: fused runs do not checkpoint or resume yet; "
                                    "start it anew (or train the task alone with launch/train_task.py)")
@@ -156,6 +161,7 @@ class TaskRun:
     state: TrainState = field(default_factory=TrainState)
     batches: object = None  # the iterator over its batches, across epochs
     rng: RngStream | None = None  # its own random stream
+    last_loss: float | None = None  # its latest logged train loss (progress.json)
 
     def next_batch(self) -> dict:
         with self.rng.active():  # a loader draws its workers' seed from the global stream
@@ -184,6 +190,9 @@ class FusedTrainer:
     def __init__(self, cfgs: dict[str, RunConfig], tasks: dict, model: FusedModel, data: dict[str, tuple],
                  acc: Accelerator, collate: dict[str, Callable] | None = None, write_plugins: bool = True):
         self.cfgs, self.acc, self.write_plugins = cfgs, acc, write_plugins
+        if acc.mixed_precision == "fp16":  # one loss scaler cannot serve K optimizers that each step it
+            raise FusedConfigError("fused training does not run in fp16 yet (one gradient scaler, several "
+                                   "optimizers); set train.mixed_precision=bf16 or no for every task")
         collate = collate or {}
         self.model = acc.prepare(model)
         self.runs: dict[str, TaskRun] = {}
@@ -211,6 +220,27 @@ class FusedTrainer:
 
     # --------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, TrainState]:
+        """Train every task; each task's ``progress.json`` (:mod:`.progress`) follows it."""
+        try:
+            states = self._fit()
+        except BaseException as e:
+            for run in self.runs.values():
+                self._report(run, "failed", error_text(e))
+            raise
+        for run in self.runs.values():
+            self._report(run, "done")
+        return states
+
+    def _report(self, run: TaskRun, status: str, error: str = "") -> None:
+        if not self.acc.is_main_process:
+            return
+        st = run.state
+        val = next((r["val_ppl"] for r in reversed(st.history) if "val_ppl" in r), None)
+        write_progress(run.cfg.output_dir, status=status, step=st.global_step, total_steps=run.total_steps,
+                       epoch=round(st.epoch + st.step_in_epoch / max(len(run.train_dl), 1), 3),
+                       epochs=run.cfg.train.epochs, loss=run.last_loss, val_ppl=val, error=error)
+
+    def _fit(self) -> dict[str, TrainState]:
         acc = self.acc
         for run in self.runs.values():
             if acc.is_main_process:
@@ -218,6 +248,7 @@ class FusedTrainer:
             run.batches = run.walk()
             if run.val_dl is not None:
                 run.state.history.append({"epoch": 0, "step": 0, **self.evaluate(run)})
+            self._report(run, "running")
         self.model.train()
         while True:
             active = [r for r in self.runs.values() if not r.done]
@@ -246,6 +277,9 @@ class FusedTrainer:
         st = run.state
         st.global_step += 1
         st.step_in_epoch += 1
+        if st.global_step % run.cfg.train.log_every == 0 or st.global_step == 1 or run.done:
+            run.last_loss = loss.item()
+            self._report(run, "running")
         if st.step_in_epoch >= len(run.train_dl):  # the task's epoch ends
             row = {"epoch": st.epoch + 1, "step": st.global_step}
             if run.val_dl is not None and (st.epoch + 1) % run.cfg.train.eval_every_epochs == 0:

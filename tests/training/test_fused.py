@@ -1,6 +1,7 @@
 """Fused per-task training (mtcpeft/training/fused.py): two tiny tasks of different adaptor kinds, one with images
 (caption, LoRA) and one text-only (qa, IA3), trained in one process on one frozen LM; each task's plugin equals
 the plugin ``launch/train_task.py`` writes when that task trains alone with the same seed and batches."""
+import json
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,8 @@ def test_each_fused_plugin_equals_the_task_trained_alone(runs):
         assert r["best_val_ppl"] == pytest.approx(alone[name]["best_val_ppl"], rel=1e-5)
         assert [row["val_ppl"] for row in r["history"]] == pytest.approx(
             [row["val_ppl"] for row in alone[name]["history"]], rel=1e-5)
+        progress = json.loads((root / "fused" / name / "progress.json").read_text())
+        assert progress["status"] == "done" and progress["step"] == progress["total_steps"] == r["global_step"]
         assert (root / "fused" / name / "results.json").is_file()
     for name in ("caption", "qa"):  # training changed both (the test would pass vacuously otherwise)
         history = fused["tasks"][name]["history"]
@@ -68,8 +71,6 @@ def test_each_fused_plugin_equals_the_task_trained_alone(runs):
 
 
 def test_manifests_match_the_alone_runs(runs):
-    import json
-
     root, _, _ = runs
     for name in ("caption", "qa"):
         a = json.loads((root / "alone" / name / "plugin" / "plugin.json").read_text())
@@ -110,6 +111,8 @@ def test_fused_refuses_what_it_cannot_do(tiny_lm_dir, tmp_path):
     base = ["--tasks", "caption,qa", "--out", str(tmp_path), *common(tiny_lm_dir, tmp_path)]
     with pytest.raises(FusedConfigError, match="model.lm"):
         train_fused.main([*base, "--set=qa.model.lm=other"])
+    with pytest.raises(FusedConfigError, match="mixed_precision"):
+        train_fused.main([*base, "--set=qa.train.mixed_precision=bf16"])
     with pytest.raises(FusedConfigError, match="grad_accum"):
         train_fused.main([*base, "train.grad_accum=2"])
     with pytest.raises(MtcpeftError, match="two or more"):
@@ -146,7 +149,6 @@ def test_two_process_ddp_with_a_task_without_label_tokens_on_one_rank(tiny_lm_di
     """2 CPU processes (gloo DDP): qa has no label tokens on rank 1 at every step, and sits out the last steps on
     both ranks (unused parameters); the run neither hangs nor errors, both ranks end with identical tensors, and qa
     still learns from rank 0's tokens."""
-    import json
     import os
     import socket
     import subprocess
