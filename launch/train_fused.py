@@ -8,7 +8,8 @@
 Each task reads its own config (<config-dir>/TASK_offline.yaml, or --config TASK=FILE.yaml) and keeps its own
 adaptor kind, optimizer, learning rate, clipping, validation and best epoch; every step trains a batch of each
 task. Writes <out>/<task>/ (plugin/ exactly as launch/train_task.py writes it, config.yaml, results.json) and
-<out>/results.json. See mtcpeft/training/fused.py for the design and what it equals.
+<out>/results.json, and <out>/checkpoint (at every task's epoch end, every train.save_every_steps and at the end)
+that `train.resume=true` continues from exactly. See mtcpeft/training/fused.py for the design and what it equals.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfgs = task_configs(args)
     check_fused_configs(cfgs)
     for cfg in cfgs.values():
-        prepare_run_dir(cfg.output_dir, resume=False, overwrite=args.overwrite,
+        prepare_run_dir(cfg.output_dir, resume=cfg.train.resume, overwrite=args.overwrite,
                         check_only=os.environ.get("RANK", "0") != "0")
     tasks_ = {name: get_task(name) for name in cfgs}
     model, extras = build_fused_model(cfgs, tasks_)  # before the Accelerator, as in launch/train_task.py
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     acc = make_accelerator(first.train, args.out, log=False, find_unused_parameters=True)
     with acc.main_process_first():
         data = fused_data(cfgs, tasks_, model, extras, progress=acc.is_local_main_process)
-    trainer = FusedTrainer(cfgs, tasks_, model, data, acc)
+    trainer = FusedTrainer(cfgs, tasks_, model, data, acc, out=args.out)
     trainer.fit()
     # equal on every rank of a correct data-parallel run (a collective: every rank computes it)
     digests = acc.gather_for_metrics([trainable_digest(acc, trainer.model)], use_gather_object=True)

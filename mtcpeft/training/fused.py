@@ -40,6 +40,7 @@ from mtcpeft.core.losses import IGNORE, perplexity, target_nll
 from mtcpeft.io import write_json
 from mtcpeft.models.lm import load_lm
 from .build import build_task_model, task_plugin
+from .fused_checkpoint import keep_trainable, load_fused_checkpoint, save_fused_checkpoint
 from .progress import error_text, write_progress
 from .trainer import DivergenceError, TrainState
 
@@ -121,9 +122,9 @@ def check_fused_configs(cfgs: dict[str, RunConfig]) -> None:
             raise FusedConfigError(f"fused tasks run under one precision, but {name} has train.mixed_precision="
                                    f"{cfg.train.mixed_precision} and {first_name} {first.train.mixed_precision}; "
                                    "set the same train.mixed_precision for every task")
-        if cfg.train.resume:
-            raise FusedConfigError(f"task {name} has train.resume=true: fused runs do not checkpoint or resume yet; "
-                                   "start it anew (or train the task alone with launch/train_task.py)")
+        if cfg.train.resume != first.train.resume:
+            raise FusedConfigError(f"a fused run resumes every task or none, but {name} has train.resume="
+                                   f"{cfg.train.resume}; set train.resume for every task (a key=value override)")
     outs = [str(Path(c.output_dir).resolve()) for c in cfgs.values()]
     if len(set(outs)) != len(outs):
         raise FusedConfigError(f"fused tasks need distinct output_dir values, got {outs}")
@@ -167,11 +168,13 @@ class TaskRun:
         with self.rng.active():  # a loader draws its workers' seed from the global stream
             return next(self.batches)
 
-    def walk(self):
-        """Its batches epoch after epoch, in the order a run of its own sees them (``set_epoch`` per epoch)."""
-        for epoch in range(self.cfg.train.epochs):
+    def walk(self, acc: Accelerator):
+        """Its batches epoch after epoch from where its state stands, in the order a run of its own sees them
+        (``set_epoch`` per epoch; a resumed epoch skips the batches already trained on)."""
+        start, skip = self.state.epoch, self.state.step_in_epoch
+        for epoch in range(start, self.cfg.train.epochs):
             self.train_dl.set_epoch(epoch)
-            yield from self.train_dl
+            yield from acc.skip_first_batches(self.train_dl, skip) if epoch == start and skip else self.train_dl
 
     @property
     def done(self) -> bool:
@@ -188,13 +191,16 @@ class FusedTrainer:
     ``collate``: {task: collate function} (default: the default collate)."""
 
     def __init__(self, cfgs: dict[str, RunConfig], tasks: dict, model: FusedModel, data: dict[str, tuple],
-                 acc: Accelerator, collate: dict[str, Callable] | None = None, write_plugins: bool = True):
-        self.cfgs, self.acc, self.write_plugins = cfgs, acc, write_plugins
+                 acc: Accelerator, collate: dict[str, Callable] | None = None, write_plugins: bool = True,
+                 out: str | Path | None = None):
+        """``out``: where the run's checkpoint goes (None: no checkpoints, no resume)."""
+        self.cfgs, self.acc, self.write_plugins, self.out = cfgs, acc, write_plugins, out
         if acc.mixed_precision == "fp16":  # one loss scaler cannot serve K optimizers that each step it
             raise FusedConfigError("fused training does not run in fp16 yet (one gradient scaler, several "
                                    "optimizers); set train.mixed_precision=bf16 or no for every task")
         collate = collate or {}
         self.model = acc.prepare(model)
+        acc.register_save_state_pre_hook(keep_trainable(self.model))
         self.runs: dict[str, TaskRun] = {}
         for name, cfg in cfgs.items():
             tc = cfg.train
@@ -242,11 +248,15 @@ class FusedTrainer:
 
     def _fit(self) -> dict[str, TrainState]:
         acc = self.acc
+        first = next(iter(self.cfgs.values())).train
+        if first.resume and self.out is not None:
+            load_fused_checkpoint(self, self.out)
+        every = min((c.train.save_every_steps for c in self.cfgs.values() if c.train.save_every_steps), default=0)
         for run in self.runs.values():
             if acc.is_main_process:
                 save_config(run.cfg, Path(run.cfg.output_dir) / "config.yaml")
-            run.batches = run.walk()
-            if run.val_dl is not None:
+            run.batches = run.walk(acc)
+            if run.val_dl is not None and not run.state.history:
                 run.state.history.append({"epoch": 0, "step": 0, **self.evaluate(run)})
             self._report(run, "running")
         self.model.train()
@@ -261,6 +271,7 @@ class FusedTrainer:
             tokens = acc.reduce(torch.stack([label_tokens(batches[r.name]) for r in active]).to(acc.device),
                                 reduction="sum")
             self.global_step += 1
+            epochs_ended = False
             for run, n in zip(active, tokens.tolist()):
                 tc = run.cfg.train
                 if n:  # a task with no label tokens on any process this step takes no optimizer step
@@ -268,12 +279,16 @@ class FusedTrainer:
                         acc.clip_grad_norm_(run.params, tc.max_grad_norm)
                     run.opt.step()
                 run.opt.zero_grad(set_to_none=True)
-                self._advance(run, losses[run.name])
+                epochs_ended |= self._advance(run, losses[run.name])
+            if self.out is not None and (epochs_ended or (every and self.global_step % every == 0)
+                                         or all(r.done for r in self.runs.values())):
+                save_fused_checkpoint(self, self.out)
         for run in self.runs.values():
             self._final_validation(run)
         return {name: run.state for name, run in self.runs.items()}
 
-    def _advance(self, run: TaskRun, loss: torch.Tensor) -> None:
+    def _advance(self, run: TaskRun, loss: torch.Tensor) -> bool:
+        """Count the step; validate at the task's epoch end (returns whether the epoch ended)."""
         st = run.state
         st.global_step += 1
         st.step_in_epoch += 1
@@ -286,6 +301,8 @@ class FusedTrainer:
                 self._validate(run, row)
             st.history.append(row)
             st.epoch, st.step_in_epoch = st.epoch + 1, 0
+            return True
+        return False
 
     def _final_validation(self, run: TaskRun) -> None:
         """The parameters a task ends with are always validated (max_steps may stop it mid-epoch)."""

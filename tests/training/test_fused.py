@@ -70,6 +70,39 @@ def test_each_fused_plugin_equals_the_task_trained_alone(runs):
         assert history[-1]["val_ppl"] < history[0]["val_ppl"]
 
 
+class Killed(Exception):
+    pass
+
+
+def test_an_interrupted_fused_run_resumes_exactly(runs, tiny_lm_dir, monkeypatch, capsys):
+    """Killed right after the checkpoint of fused step 4 (qa's 2nd epoch end; caption is 1 batch into its 2nd),
+    then resumed with train.resume=true: every plugin ends equal to the uninterrupted run's."""
+    import mtcpeft.training.fused as fused_mod
+
+    root, _, fused = runs
+    train_fused = launch_module("train_fused.py")
+    save = fused_mod.save_fused_checkpoint
+
+    def save_then_die(trainer, out):
+        save(trainer, out)
+        if trainer.global_step == 4:
+            raise Killed
+
+    sets = [f"--set={name}.{o}" for name, over in KINDS.items() for o in over]
+    argv = ["--tasks", "caption,qa", "--out", str(root / "resumed"), *sets, *common(tiny_lm_dir, root)]
+    monkeypatch.setattr(fused_mod, "save_fused_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_fused.main(argv)
+    monkeypatch.setattr(fused_mod, "save_fused_checkpoint", save)
+    capsys.readouterr()
+    resumed = train_fused.main([*argv, "train.resume=true"])
+    assert "fused step 4" in capsys.readouterr().out  # it resumed (a fresh start would end equal too)
+    for name in ("caption", "qa"):
+        mine, ref = plugin_tensors(root / "resumed" / name), plugin_tensors(root / "fused" / name)
+        assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref), name
+        assert resumed["tasks"][name]["history"] == fused["tasks"][name]["history"]
+
+
 def test_manifests_match_the_alone_runs(runs):
     root, _, _ = runs
     for name in ("caption", "qa"):
