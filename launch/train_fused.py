@@ -4,6 +4,7 @@
     python launch/train_fused.py --tasks caption,qa --set qa.adaptor.kind=ia3 --set qa.train.lr=1e-3
     accelerate launch --config_file configs/accelerate/ddp.yaml launch/train_fused.py --tasks caption,qa
     python launch/train_fused.py --tasks caption,qa train.epochs=1           # key=value: every task
+    python launch/train_fused.py --tasks caption,qa --ratio caption=2,qa=1   # qa trains in every other step
 
 Each task reads its own config (<config-dir>/TASK_offline.yaml, or --config TASK=FILE.yaml) and keeps its own
 adaptor kind, optimizer, learning rate, clipping, validation and best epoch; every step trains a batch of each
@@ -25,7 +26,7 @@ from mtcpeft.cli import add_task_module_option, load_task_modules, run_cli
 from mtcpeft.config import ConfigError, load_config
 from mtcpeft.data.task import CONFIG_DIR, get_task, offline_config, task_names
 from mtcpeft.io import prepare_run_dir
-from mtcpeft.training.fused import FusedTrainer, build_fused_model, check_fused_configs, fused_data
+from mtcpeft.training.fused import FusedTrainer, build_fused_model, check_fused_configs, check_ratios, fused_data
 from mtcpeft.training.trainer import make_accelerator, trainable_digest
 
 
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--config", action="append", default=[], metavar="TASK=FILE.yaml", help="a task's own config")
     ap.add_argument("--set", action="append", default=[], metavar="TASK.key=value", dest="sets",
                     help="an override for one task; repeat")
+    ap.add_argument("--ratio", default="", metavar="TASK=N,...",
+                    help="how often each task takes part in a step: N of every max-N steps (default 1 each: every "
+                         "step); the examples per step are each task's train.batch_size")
     ap.add_argument("--overwrite", action="store_true", help="replace the previous run in each task's directory")
     add_task_module_option(ap)
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every task, e.g. train.epochs=1")
@@ -65,11 +69,22 @@ def task_configs(args) -> dict:
     return cfgs
 
 
+def parse_ratios(text: str) -> dict[str, int]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, _, n = part.partition("=")
+        if not n.strip().isdigit():
+            raise ConfigError(f"--ratio {text}: expected TASK=N,... with whole numbers N >= 1, e.g. caption=2,qa=1")
+        out[task.strip()] = int(n)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     load_task_modules(args)
     cfgs = task_configs(args)
     check_fused_configs(cfgs)
+    ratios = check_ratios(parse_ratios(args.ratio), list(cfgs))
     for cfg in cfgs.values():
         prepare_run_dir(cfg.output_dir, resume=cfg.train.resume, overwrite=args.overwrite,
                         check_only=os.environ.get("RANK", "0") != "0")
@@ -79,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     acc = make_accelerator(first.train, args.out, log=False, find_unused_parameters=True)
     with acc.main_process_first():
         data = fused_data(cfgs, tasks_, model, extras, progress=acc.is_local_main_process)
-    trainer = FusedTrainer(cfgs, tasks_, model, data, acc, out=args.out)
+    trainer = FusedTrainer(cfgs, tasks_, model, data, acc, out=args.out, ratios=ratios)
     trainer.fit()
     # equal on every rank of a correct data-parallel run (a collective: every rank computes it)
     digests = acc.gather_for_metrics([trainable_digest(acc, trainer.model)], use_gather_object=True)

@@ -12,7 +12,8 @@ receives exactly the gradient of its own loss), then per task its own gradient c
 :func:`~mtcpeft.training.build.task_plugin` into the task's own ``output_dir`` as ``train_task.py`` writes them.
 
 Each task walks its own epochs of its own data loader (seeded like a run of its own); a task whose steps are done
-sits out the remaining steps of longer ones. Under DDP the wrapper tolerates a task that a step does not reach
+sits out the remaining steps of longer ones. The mix: every step holds ``train.batch_size`` examples of each task
+(a per-task setting), and ``ratios`` (``--ratio caption=2,qa=1``) let a task take part in only some steps. Under DDP the wrapper tolerates a task that a step does not reach
 (``find_unused_parameters``), and a task with no label tokens on any process that step takes no optimizer step.
 
 Exactness needs the same random numbers too: each task's model is initialised with its own seed as alone, and
@@ -181,6 +182,23 @@ class TaskRun:
         return self.state.global_step >= self.total_steps
 
 
+def check_ratios(ratios: dict[str, int], names: list[str]) -> dict[str, int]:
+    """{task: weight} for every task (default 1), each a positive integer."""
+    unknown = sorted(set(ratios) - set(names))
+    bad = {k: v for k, v in ratios.items() if not isinstance(v, int) or v < 1}
+    if unknown or bad:
+        raise FusedConfigError(f"ratios must give tasks of this run ({names}) positive integer weights, got "
+                               f"{ratios}; e.g. caption=2,qa=1")
+    return {n: ratios.get(n, 1) for n in names}
+
+
+def takes_part(weight: int, top: int, step: int) -> bool:
+    """Whether a task of ``weight`` trains in fused step ``step`` (0-based) when the heaviest unfinished task weighs
+    ``top``: ``weight`` of every ``top`` steps, spread evenly (the heaviest every step). A task's own sequence of
+    batches and updates does not change, only when it happens, so the plugin of a task is the same."""
+    return (step + 1) * weight // top > step * weight // top
+
+
 def label_tokens(batch: dict) -> torch.Tensor:
     """How many tokens of ``batch`` carry a loss (labels at position 0 never do: nothing predicts them)."""
     return (batch["labels"][:, 1:] != IGNORE).sum()
@@ -192,9 +210,11 @@ class FusedTrainer:
 
     def __init__(self, cfgs: dict[str, RunConfig], tasks: dict, model: FusedModel, data: dict[str, tuple],
                  acc: Accelerator, collate: dict[str, Callable] | None = None, write_plugins: bool = True,
-                 out: str | Path | None = None):
-        """``out``: where the run's checkpoint goes (None: no checkpoints, no resume)."""
+                 out: str | Path | None = None, ratios: dict[str, int] | None = None):
+        """``out``: where the run's checkpoint goes (None: no checkpoints, no resume). ``ratios``: {task: weight},
+        how often each task takes part in a step (:func:`takes_part`; default: every task every step)."""
         self.cfgs, self.acc, self.write_plugins, self.out = cfgs, acc, write_plugins, out
+        self.ratios = check_ratios(ratios or {}, list(cfgs))
         if acc.mixed_precision == "fp16":  # one loss scaler cannot serve K optimizers that each step it
             raise FusedConfigError("fused training does not run in fp16 yet (one gradient scaler, several "
                                    "optimizers); set train.mixed_precision=bf16 or no for every task")
@@ -261,9 +281,11 @@ class FusedTrainer:
             self._report(run, "running")
         self.model.train()
         while True:
-            active = [r for r in self.runs.values() if not r.done]
-            if not active:
+            live = [r for r in self.runs.values() if not r.done]
+            if not live:
                 break
+            top = max(self.ratios[r.name] for r in live)
+            active = [r for r in live if takes_part(self.ratios[r.name], top, self.global_step)]
             batches = {r.name: r.next_batch() for r in active}
             losses = self.model(batches)
             self._check(losses)

@@ -103,6 +103,25 @@ def test_an_interrupted_fused_run_resumes_exactly(runs, tiny_lm_dir, monkeypatch
         assert resumed["tasks"][name]["history"] == fused["tasks"][name]["history"]
 
 
+def test_a_ratio_changes_when_a_task_trains_not_what_it_learns(runs, tiny_lm_dir):
+    """--ratio caption=1,qa=2: qa trains in every step and caption in every other one while qa runs (then in
+    every step); each plugin still equals its task trained alone."""
+    from mtcpeft.training.fused import takes_part
+
+    assert [takes_part(1, 2, s) for s in range(4)] == [False, True, False, True]
+    assert [takes_part(2, 3, s) for s in range(6)] == [False, True, True, False, True, True]
+    root, alone, _ = runs
+    sets = [f"--set={name}.{o}" for name, over in KINDS.items() for o in over]
+    r = launch_module("train_fused.py").main(["--tasks", "caption,qa", "--out", str(root / "ratio"), "--ratio",
+                                              "caption=1,qa=2", *sets, *common(tiny_lm_dir, root)])
+    # qa's 4 steps fill fused steps 0-3, with caption's first 2 in steps 1 and 3; caption's other 4 follow
+    assert r["global_step"] == 8
+    for name in ("caption", "qa"):
+        mine, ref = plugin_tensors(root / "ratio" / name), plugin_tensors(root / "alone" / name)
+        assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref), name
+        assert r["tasks"][name]["history"] == alone[name]["history"]
+
+
 def test_manifests_match_the_alone_runs(runs):
     root, _, _ = runs
     for name in ("caption", "qa"):
@@ -148,6 +167,8 @@ def test_fused_refuses_what_it_cannot_do(tiny_lm_dir, tmp_path):
         train_fused.main([*base, "--set=qa.train.mixed_precision=bf16"])
     with pytest.raises(FusedConfigError, match="grad_accum"):
         train_fused.main([*base, "train.grad_accum=2"])
+    with pytest.raises(FusedConfigError, match="positive integer"):
+        train_fused.main([*base, "--ratio", "caption=0"])
     with pytest.raises(MtcpeftError, match="two or more"):
         train_fused.main(["--tasks", "qa", "--out", str(tmp_path)])
 
