@@ -61,6 +61,7 @@ def load_fused_checkpoint(trainer, root: str | Path) -> bool:
         raise CheckpointMismatchError(f"the checkpoint in {ckpt} is of tasks {sorted(saved.get('tasks', ()))}, this run "
                                       f"trains {sorted(trainer.runs)}; resume with the same --tasks or train into "
                                       "another --out")
+    check_fits(trainer, ckpt)
     acc.load_state(str(ckpt), strict=False)
     streams = torch.load(ckpt / STREAMS, weights_only=False)
     trainer.global_step = saved["global_step"]
@@ -69,3 +70,23 @@ def load_fused_checkpoint(trainer, root: str | Path) -> bool:
         run.rng.state = streams[name]
     acc.print(f"resumed from {ckpt}: fused step {trainer.global_step}")
     return True
+
+
+def check_fits(trainer, ckpt: Path) -> None:
+    """Refuse a checkpoint whose trainable tensors (names, shapes) are not this run's, naming one that differs
+    (another adaptor kind, rank or targets for a task), before accelerate fails deep inside ``load_state``."""
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    own = {n: list(p.shape) for n, p in trainer.acc.unwrap_model(trainer.model).named_parameters() if p.requires_grad}
+    differ = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
+    if differ:
+        k = differ[0]
+        raise CheckpointMismatchError(
+            f"the checkpoint in {ckpt} was made with other adaptors: {len(differ)} trainable tensors differ, e.g. "
+            f"{k} is {saved.get(k, 'absent')} there and {own.get(k, 'absent')} here; resume with the configs the "
+            "checkpoint was made with, or train into another --out")

@@ -12,6 +12,7 @@ from conftest import tiny_overrides
 from support.cli import load_script as launch_module
 from mtcpeft.errors import MtcpeftError
 from mtcpeft.training.fused import FusedConfigError, shared_copy
+from mtcpeft.training.trainer import CheckpointMismatchError
 
 LAYOUT = ["data.seq_len=160", "data.max_target_tokens=20"]  # QA prompts are long
 # different kinds, learning rates, clipping and lengths (qa: 2 steps an epoch, so it sits out the fused run's last 2)
@@ -101,6 +102,9 @@ def test_an_interrupted_fused_run_resumes_exactly(runs, tiny_lm_dir, monkeypatch
         mine, ref = plugin_tensors(root / "resumed" / name), plugin_tensors(root / "fused" / name)
         assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref), name
         assert resumed["tasks"][name]["history"] == fused["tasks"][name]["history"]
+    # resuming with another adaptor kind for a task is refused, naming a tensor that differs
+    with pytest.raises(CheckpointMismatchError, match="trainable tensors differ"):
+        train_fused.main([*argv, "train.resume=true", "--set=qa.adaptor.kind=bitfit"])
 
 
 def test_a_ratio_changes_when_a_task_trains_not_what_it_learns(runs, tiny_lm_dir):
