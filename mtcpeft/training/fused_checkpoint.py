@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mtcpeft.io import swap_dir, write_json
-from .trainer import CHECKPOINT, STATE_FILE, CheckpointMismatchError, TrainState, recover_checkpoint
+from .trainer import CHECKPOINT, STATE_FILE, CheckpointMismatchError, DivergenceError, TrainState, recover_checkpoint
 
 STREAMS = "task_rng.pt"  # each task's own torch random stream
 
@@ -28,8 +28,22 @@ def keep_trainable(model: torch.nn.Module):
     return hook
 
 
+def check_finite(trainer) -> None:
+    """Refuse to checkpoint non-finite trainable tensors (an update may overflow while its loss was finite); every
+    rank learns of a bad tensor on any rank, so all stop."""
+    bad = next((f"{name}: {n}" for name, run in trainer.runs.items()
+                for n, p in trainer.task_model(name).named_parameters()
+                if p.requires_grad and not bool(torch.isfinite(p).all())), None)
+    flags = trainer.acc.gather(torch.tensor([bad is not None], dtype=torch.float32, device=trainer.acc.device))
+    if bool(flags.any()):
+        raise DivergenceError(f"fused training diverged: trainable tensor {bad or '(on another process)'} is not "
+                              f"finite after fused step {trainer.global_step}; lower that task's train.lr or set "
+                              "its train.max_grad_norm (nothing diverged was saved)")
+
+
 def save_fused_checkpoint(trainer, root: str | Path) -> None:
     """Every rank calls it (accelerate and DeepSpeed save collectively)."""
+    check_finite(trainer)
     acc, final = trainer.acc, Path(root) / CHECKPOINT
     tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
     if acc.is_main_process:

@@ -202,6 +202,27 @@ def test_a_task_without_label_tokens_takes_no_optimizer_step(tiny_lm_dir, tmp_pa
     assert any(not torch.equal(t, after["caption"][k]) for k, t in before["caption"].items())
 
 
+def test_a_non_finite_tensor_is_never_checkpointed(tiny_lm_dir, tmp_path, monkeypatch):
+    """A task's update that overflows (its loss still finite) stops the run before the checkpoint is written."""
+    import mtcpeft.training.fused as fused_mod
+    from mtcpeft.training.trainer import DivergenceError
+
+    real = fused_mod.FusedTrainer._advance
+
+    def overflow(self, run, loss):
+        if run.name == "qa" and run.done is False and run.state.global_step + 1 == run.total_steps:  # its last
+            with torch.no_grad():
+                run.params[0].fill_(float("inf"))
+        return real(self, run, loss)
+
+    monkeypatch.setattr(fused_mod.FusedTrainer, "_advance", overflow)
+    with pytest.raises(DivergenceError, match="qa: .* is not finite"):
+        launch_module("train_fused.py").main(["--tasks", "caption,qa", "--out", str(tmp_path / "f"),
+                                              *common(tiny_lm_dir, tmp_path), "train.epochs=1",
+                                              "train.eval_every_epochs=2"])  # no validation before the save
+    assert not (tmp_path / "f" / "checkpoint").exists()
+
+
 @pytest.mark.slow
 def test_two_process_ddp_with_a_task_without_label_tokens_on_one_rank(tiny_lm_dir, tmp_path):
     """2 CPU processes (gloo DDP): qa has no label tokens on rank 1 at every step, and sits out the last steps on
