@@ -51,7 +51,10 @@ def task_configs(args) -> dict:
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if len(set(names)) != len(names) or len(names) < 2:
         raise ConfigError(f"--tasks needs two or more distinct tasks, got {names}; choose from {task_names()}")
-    files = dict(c.split("=", 1) for c in args.config if "=" in c)
+    bad = [c for c in args.config if "=" not in c or c.split("=", 1)[0] not in names]
+    if bad:
+        raise ConfigError(f"--config {bad[0]}: expected TASK=FILE.yaml with TASK one of {names}")
+    files = dict(c.split("=", 1) for c in args.config)
     sets: dict[str, list[str]] = {}
     for s in args.sets:
         task, _, override = s.partition(".")
