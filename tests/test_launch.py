@@ -97,6 +97,7 @@ USER_ERRORS = {
                    "not a plugin directory"),
     "merge.py": (["--plugin", "a={tmp}/none", "--out", "{tmp}/merged"], "not a plugin directory"),
     "sweep.py": (["--config", "{tmp}/none.yaml"], "does not exist"),
+    "train_fused.py": (["--tasks", "nope,qa", "--out", "{tmp}/fused"], "unknown task 'nope'"),
     "train_joint.py": (["--plugin", "{tmp}/none", "--tasks", "nope", "output_dir={tmp}/run"], "unknown task 'nope'"),
     "train_parallel.py": (["--tasks", "nope", "--out", "{tmp}/parallel"], "unknown task 'nope'"),
     "train_task.py": (["--task", "caption", "train.lrr=1", "output_dir={tmp}/run"], "did you mean 'train.lr'"),
