@@ -75,7 +75,6 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _harness  # noqa: E402  (bench/ is the script's directory: the shared memory tracker)
 from _harness import peak_bytes  # noqa: E402
 from mtcpeft.core.adaptors import ContextLoRALayer, LoRAConfig  # noqa: E402

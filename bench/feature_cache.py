@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from mtcpeft.io import atomic_path  # noqa: E402
 from mtcpeft.models.projector import Projector  # noqa: E402

@@ -65,7 +65,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtcpeft import ContextModel, LoRAConfig  # noqa: E402
 from mtcpeft.plugins.peft import export_peft  # noqa: E402
 from _harness import clone_sharing_weights, load_model  # noqa: E402
