@@ -43,7 +43,7 @@ from mtcpeft.models.lm import load_lm
 from .build import build_task_model, task_plugin
 from .fused_checkpoint import keep_trainable, load_fused_checkpoint, save_fused_checkpoint
 from .progress import error_text, write_progress
-from .trainer import DivergenceError, TrainState
+from .trainer import DivergenceError, TrainState, make_adamw
 
 SHARED_KEYS = ("model.lm",)  # config keys every fused task must agree on (one backbone)
 
@@ -228,7 +228,7 @@ class FusedTrainer:
             params = [p for p in model.tasks[name].parameters() if p.requires_grad]
             if not params:
                 raise FusedConfigError(f"task {name} has no trainable parameters: choose an adaptor or a projector")
-            opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+            opt = make_adamw(params, tc)
             g = torch.Generator().manual_seed(cfg.seed)  # the data order of a run of its own
             dl = DataLoader(data[name][0], batch_size=tc.batch_size, shuffle=True, generator=g,
                             collate_fn=collate.get(name), num_workers=cfg.data.num_workers)

@@ -123,6 +123,14 @@ def trainable_digest(acc: Accelerator, model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def make_adamw(params: list[torch.nn.Parameter], tc) -> torch.optim.AdamW:
+    """AdamW with the run's lr, betas and weight decay. On CPU it runs torch's fused kernel: measured here (1 thread,
+    rank-8 LoRA tensors of SmolLM2's 30 layers) 5 ms vs 23 ms per step for one context and 35 ms vs 147 ms for 16,
+    where the default per-tensor loop dominates; elsewhere torch's default choice stands."""
+    fused = True if params and all(p.device.type == "cpu" for p in params) else None
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, fused=fused)
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -146,7 +154,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameters: choose an adaptor (or train.mode=full) or a "
                              "projector")
         self.num_trainable = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(params, lr=self.tc.lr, betas=tuple(self.tc.betas), weight_decay=self.tc.weight_decay)
+        opt = make_adamw(params, self.tc)
         g = torch.Generator().manual_seed(cfg.seed)
         train_dl = DataLoader(train_ds, batch_size=self.tc.batch_size, shuffle=True, collate_fn=collate,
                               generator=g, drop_last=False, num_workers=cfg.data.num_workers)
