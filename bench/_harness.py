@@ -198,6 +198,27 @@ def load() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def ratio_text(r: dict, key: str) -> str:
+    """A row's median ratio with its min-max over rounds: ``1.040 [0.98-1.10]``."""
+    return f"{r[key]:.3f} [{r[key + '_min']:.2f}-{r[key + '_max']:.2f}]"
+
+
+def report_header(title: str, meta: dict, results: list[dict]) -> list[str]:
+    """The lines every end-to-end report opens with: title, command, machine and versions, load during the run."""
+    loads = [x for res in results for x in res["load_per_round"]]
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['cores']} cores ({meta['cpu']}), {meta['threads']} torch thread(s); torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, peft {meta['peft']}, python {meta['python']}; glibc malloc: "
+        f"{meta['malloc']}.  ",
+        f"Load (`uptime`) at start: `{meta['load_start']}`; at end: `{meta['load_end']}`; 1-minute load average "
+        f"after the timed rounds: {min(loads):.2f}-{max(loads):.2f} (median {statistics.median(loads):.2f}) on 2 "
+        "cores shared with other engineers' test runs.  ",
+    ]
+
+
 def kept_notes(path: Path, default: str) -> str:
     """The hand-written section of an existing report, so that re-running the script keeps it."""
     text = path.read_text() if path.exists() else ""

@@ -214,20 +214,7 @@ def run_model(name: str, quick: bool, batches: list[int], prompt: int, new: int,
 
 
 def markdown(meta: dict, results: list[dict], notes: str) -> str:
-    def ratio(r: dict, key: str) -> str:
-        return f"{r[key]:.3f} [{r[key + '_min']:.2f}-{r[key + '_max']:.2f}]"
-
-    loads = [x for res in results for x in res["load_per_round"]]
-    out = [
-        "# Cached greedy generation: mtcpeft context-specific vs HF + PEFT LoRA (same weights)",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['cores']} cores ({meta['cpu']}), {meta['threads']} torch thread(s); torch {meta['torch']}, "
-        f"transformers {meta['transformers']}, peft {meta['peft']}, python {meta['python']}; glibc malloc: "
-        f"{meta['malloc']}.  ",
-        f"Load (`uptime`) at start: `{meta['load_start']}`; at end: `{meta['load_end']}`; 1-minute load average "
-        f"after the timed rounds: {min(loads):.2f}-{max(loads):.2f} (median {statistics.median(loads):.2f}) on 2 "
-        "cores shared with other engineers' test runs.  ",
+    out = H.report_header("Cached greedy generation: mtcpeft context-specific vs HF + PEFT LoRA (same weights)", meta, results) + [
         f"fp32, KV cache, greedy, prompt {meta['prompt']} tokens (mtcpeft specific: {meta['prompt'] // 2} image + "
         f"{meta['prompt'] - meta['prompt'] // 2} question), exactly {meta['new']} new tokens per row (answer), LoRA "
         f"rank {meta['rank']} on the \"AF\" modules; PEFT loads the mtcpeft-agnostic adaptor exported with "
@@ -257,7 +244,7 @@ def markdown(meta: dict, results: list[dict], notes: str) -> str:
                 "|---|---:|---:|---:|---:|---:|"]
         for r in res["rows"]:
             out.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['wall_tokens_per_s']:.1f} | "
-                       f"{ratio(r, 'ratio_peft')} | {ratio(r, 'wall_ratio_peft')} |")
+                       f"{H.ratio_text(r, 'ratio_peft')} | {H.ratio_text(r, 'wall_ratio_peft')} |")
         out.append("")
     out += H.notes_block(notes)
     return "\n".join(out)

@@ -281,20 +281,7 @@ def markdown(meta: dict, results: list[dict], notes: str) -> str:
     def ok(flag: bool) -> str:
         return "met" if flag else "**MISSED**"
 
-    def ratio(r: dict, key: str) -> str:
-        return f"{r[key]:.3f} [{r[key + '_min']:.2f}-{r[key + '_max']:.2f}]"
-
-    loads = [x for res in results for x in res["load_per_round"]]
-    out = [
-        "# Training step end to end: HF + PEFT LoRA vs mtcpeft (forward + backward + AdamW step)",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['cores']} cores ({meta['cpu']}), {meta['threads']} torch thread(s); torch {meta['torch']}, "
-        f"transformers {meta['transformers']}, peft {meta['peft']}, python {meta['python']}; glibc malloc: "
-        f"{meta['malloc']}.  ",
-        f"Load (`uptime`) at start: `{meta['load_start']}`; at end: `{meta['load_end']}`; 1-minute load average "
-        f"after the timed rounds: {min(loads):.2f}-{max(loads):.2f} (median {statistics.median(loads):.2f}) on 2 "
-        "cores shared with other engineers' test runs.  ",
+    out = H.report_header("Training step end to end: HF + PEFT LoRA vs mtcpeft (forward + backward + AdamW step)", meta, results) + [
         f"fp32, batch {meta['batch']} x sequence {meta['seq']}, LoRA rank {meta['rank']} alpha {meta['alpha']:g} on "
         "the \"AF\" preset modules (attention q, k, v, o + feed-forward), no dropout, AdamW lr 1e-4, HF loss on every "
         f"position. Per variant one untimed step (AdamW state), one untimed step under the memory tracker, then "
@@ -324,8 +311,8 @@ def markdown(meta: dict, results: list[dict], notes: str) -> str:
         for r in res["rows"]:
             out.append(
                 f"| {r['variant']} | {'on' if r['checkpointing'] else 'off'} | {r['trainable'] / 1e6:.2f} | "
-                f"{r['state_mb']:.0f} | {r['ms']:.0f} | {r['wall_ms']:.0f} | {ratio(r, 'ratio_peft')} | "
-                f"{ratio(r, 'ratio_agnostic')} | {ratio(r, 'wall_ratio_peft')} | {ratio(r, 'wall_ratio_agnostic')} | "
+                f"{r['state_mb']:.0f} | {r['ms']:.0f} | {r['wall_ms']:.0f} | {H.ratio_text(r, 'ratio_peft')} | "
+                f"{H.ratio_text(r, 'ratio_agnostic')} | {H.ratio_text(r, 'wall_ratio_peft')} | {H.ratio_text(r, 'wall_ratio_agnostic')} | "
                 f"{r['peak_mb']:.0f} | {r['mem_ratio_peft']:.3f} | {r['mem_ratio_agnostic']:.3f} |")
         out.append("")
     out += H.notes_block(notes)
