@@ -75,10 +75,12 @@ def configure_cpu_threads() -> int:
     return threads
 
 
-def make_accelerator(train_cfg, output_dir: str, log: bool = True, find_unused_parameters: bool = False) -> Accelerator:
+def make_accelerator(train_cfg, output_dir: str, log: bool = True, find_unused_parameters: bool = False,
+                     engine_clipping: bool = True) -> Accelerator:
     """gloo when there is no GPU (DeepSpeed's default nccl would fail); seedable sampler for exact resume.
     ``find_unused_parameters``: DDP tolerates parameters a batch does not reach (the projector in a batch of
-    text-only examples)."""
+    text-only examples). ``engine_clipping``: under DeepSpeed the engine clips by ``train.max_grad_norm``
+    (:func:`set_engine_clipping`); False: it clips nothing (the caller clips, as fused training does per task)."""
     configure_cpu_threads()
     precision, why = resolve_precision(train_cfg.mixed_precision)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by accelerate launch / torchrun
@@ -94,7 +96,35 @@ def make_accelerator(train_cfg, output_dir: str, log: bool = True, find_unused_p
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     acc.print(f"precision: {'fp32' if precision == 'no' else precision} ({why})")
+    set_engine_clipping(acc, train_cfg.max_grad_norm if engine_clipping else None, engine_clipping)
     return acc
+
+
+def set_engine_clipping(acc: Accelerator, max_norm: float | None, from_run_config: bool = True) -> None:
+    """Under DeepSpeed the engine clips gradients by its config's ``gradient_clipping`` inside
+    ``accelerator.backward`` (accelerate's ``clip_grad_norm_`` does nothing there), and accelerate fills an unset
+    value with 1.0: set it to ``max_norm`` (0: no clipping) so that ``train.max_grad_norm`` means the same with and
+    without DeepSpeed. A launcher value (``gradient_clipping`` in the DeepSpeed config) that differs is refused."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    want = float(max_norm or 0.0)
+    given = plugin.deepspeed_config.get("gradient_clipping", "auto")
+    if given != "auto" and float(given) != want:
+        owner = "train.max_grad_norm" if from_run_config else "each fused task's own train.max_grad_norm"
+        raise ConfigError(f"the DeepSpeed config sets gradient_clipping={given}, but this run clips by {owner} "
+                          f"({max_norm if from_run_config else 'per task'}); remove gradient_clipping from the "
+                          "DeepSpeed/accelerate config (the run config decides)")
+    plugin.deepspeed_config["gradient_clipping"] = want
+
+
+def release_engine(acc: Accelerator) -> None:
+    """Destroy a DeepSpeed engine on every rank at once (call it before ``end_training``): its ZeRO-3 hooks and
+    optimizer hold communication state that must not outlive the process group."""
+    acc.wait_for_everyone()
+    wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
+    if wrapped is not None and hasattr(wrapped.engine, "destroy"):
+        wrapped.engine.destroy()
 
 
 def zero_stage(acc: Accelerator) -> int | None:
@@ -265,12 +295,9 @@ class Trainer:
 
     def finish(self) -> None:
         """Flush the trackers and end the run (accelerate then also tears down the process group: collective
-        calls such as a final parameter check go before this). A DeepSpeed engine is destroyed first, on every
-        rank at once: its ZeRO-3 hooks and optimizer hold communication state that must not outlive the group."""
-        self.acc.wait_for_everyone()
-        wrapped = getattr(self.acc, "deepspeed_engine_wrapped", None)
-        if wrapped is not None and hasattr(wrapped.engine, "destroy"):
-            wrapped.engine.destroy()
+        calls such as a final parameter check go before this). A DeepSpeed engine is destroyed first
+        (:func:`release_engine`)."""
+        release_engine(self.acc)
         self.acc.end_training()
 
     def end_epoch(self) -> None:
