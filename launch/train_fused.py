@@ -3,6 +3,7 @@
     python launch/train_fused.py --tasks caption,qa                          # both offline defaults, one pass
     python launch/train_fused.py --tasks caption,qa --set qa.adaptor.kind=ia3 --set qa.train.lr=1e-3
     accelerate launch --config_file configs/accelerate/ddp.yaml launch/train_fused.py --tasks caption,qa
+    accelerate launch --config_file configs/accelerate/zero2.yaml launch/train_fused.py --tasks caption,qa  # or zero3
     python launch/train_fused.py --tasks caption,qa train.epochs=1           # key=value: every task
     python launch/train_fused.py --tasks caption,qa --ratio caption=2,qa=1   # qa trains in every other step
 
@@ -27,7 +28,7 @@ from mtcpeft.config import ConfigError, load_config
 from mtcpeft.data.task import CONFIG_DIR, get_task, offline_config, task_names
 from mtcpeft.io import prepare_run_dir
 from mtcpeft.training.fused import FusedTrainer, build_fused_model, check_fused_configs, check_ratios, fused_data
-from mtcpeft.training.trainer import make_accelerator, trainable_digest
+from mtcpeft.training.trainer import make_accelerator, release_engine, trainable_digest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     tasks_ = {name: get_task(name) for name in cfgs}
     model, extras = build_fused_model(cfgs, tasks_)  # before the Accelerator, as in launch/train_task.py
     first = next(iter(cfgs.values()))
-    acc = make_accelerator(first.train, args.out, log=False, find_unused_parameters=True)
+    # the engine of a DeepSpeed run clips nothing: each task clips by its own max_grad_norm (training/fused_zero.py)
+    acc = make_accelerator(first.train, args.out, log=False, find_unused_parameters=True, engine_clipping=False)
     with acc.main_process_first():
         data = fused_data(cfgs, tasks_, model, extras, progress=acc.is_local_main_process)
     trainer = FusedTrainer(cfgs, tasks_, model, data, acc, out=args.out, ratios=ratios)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     # equal on every rank of a correct data-parallel run (a collective: every rank computes it)
     digests = acc.gather_for_metrics([trainable_digest(acc, trainer.model)], use_gather_object=True)
     results = trainer.write_results(args.out, rank_digests=digests)
-    acc.wait_for_everyone()
+    release_engine(acc)
     acc.end_training()
     for name, r in results["tasks"].items():
         acc.print(f"{name}: best epoch {r['best_epoch']}, val perplexity {r['best_val_ppl']}; plugin: "

@@ -15,6 +15,8 @@ Each task walks its own epochs of its own data loader (seeded like a run of its 
 sits out the remaining steps of longer ones. The mix: every step holds ``train.batch_size`` examples of each task
 (a per-task setting), and ``ratios`` (``--ratio caption=2,qa=1``) let a task take part in only some steps. Under DDP the wrapper tolerates a task that a step does not reach
 (``find_unused_parameters``), and a task with no label tokens on any process that step takes no optimizer step.
+Under DeepSpeed ZeRO-2/3 the K optimizers are one optimizer with a param group per task, and per-task clipping and
+sitting out happen in a step hook on it (:mod:`.fused_zero` explains why and what stays exact).
 
 Exactness needs the same random numbers too: each task's model is initialised with its own seed as alone, and
 everything a task does afterwards (fetching its batches, its forward with its dropout masks, its validation) runs
@@ -42,8 +44,9 @@ from mtcpeft.io import write_json
 from mtcpeft.models.lm import load_lm
 from .build import build_task_model, task_plugin
 from .fused_checkpoint import keep_trainable, load_fused_checkpoint, save_fused_checkpoint
+from .fused_zero import check_zero_groups, gathered_trainable, task_groups
 from .progress import error_text, write_progress
-from .trainer import DivergenceError, TrainState, make_adamw
+from .trainer import DivergenceError, TrainState, make_adamw, zero_stage
 
 SHARED_KEYS = ("model.lm",)  # config keys every fused task must agree on (one backbone)
 
@@ -157,9 +160,9 @@ class TaskRun:
     task: object
     train_dl: object
     val_dl: object | None
-    opt: object
+    opt: object  # its own optimizer; under DeepSpeed the run's one optimizer (its group is this task's)
     params: list
-    total_steps: int
+    total_steps: int = 0
     state: TrainState = field(default_factory=TrainState)
     batches: object = None  # the iterator over its batches, across epochs
     rng: RngStream | None = None  # its own random stream
@@ -219,8 +222,10 @@ class FusedTrainer:
             raise FusedConfigError("fused training does not run in fp16 yet (one gradient scaler, several "
                                    "optimizers); set train.mixed_precision=bf16 or no for every task")
         collate = collate or {}
-        self.model = acc.prepare(model)
-        acc.register_save_state_pre_hook(keep_trainable(self.model))
+        self.zero = zero_stage(acc)  # None without DeepSpeed
+        self.groups = None  # under DeepSpeed: the per-task policy of its one optimizer (fused_zero.TaskGroups)
+        if self.zero is None:
+            self.model = acc.prepare(model)
         self.runs: dict[str, TaskRun] = {}
         for name, cfg in cfgs.items():
             tc = cfg.train
@@ -228,17 +233,29 @@ class FusedTrainer:
             params = [p for p in model.tasks[name].parameters() if p.requires_grad]
             if not params:
                 raise FusedConfigError(f"task {name} has no trainable parameters: choose an adaptor or a projector")
-            opt = make_adamw(params, tc)
             g = torch.Generator().manual_seed(cfg.seed)  # the data order of a run of its own
             dl = DataLoader(data[name][0], batch_size=tc.batch_size, shuffle=True, generator=g,
                             collate_fn=collate.get(name), num_workers=cfg.data.num_workers)
-            opt, dl = acc.prepare(opt, dl)
+            opt = None
+            if self.zero is None:
+                opt, dl = acc.prepare(make_adamw(params, tc), dl)
             val = data[name][1]
             val_dl = None if val is None else acc.prepare(DataLoader(
                 val, batch_size=tc.batch_size, collate_fn=collate.get(name), num_workers=cfg.data.num_workers))
-            total = min(tc.max_steps, len(dl) * tc.epochs) if tc.max_steps else len(dl) * tc.epochs
-            self.runs[name] = TaskRun(name, cfg, tasks[name], dl, val_dl, opt, params, total)
+            self.runs[name] = TaskRun(name, cfg, tasks[name], dl, val_dl, opt, params)
             model.streams[name] = self.runs[name].rng = RngStream()
+        if self.zero is not None:  # DeepSpeed takes one model and one optimizer, prepared together
+            params = {name: run.params for name, run in self.runs.items()}
+            train_cfgs = {name: cfg.train for name, cfg in cfgs.items()}
+            check_zero_groups(acc, params, train_cfgs)
+            opt, self.groups = task_groups(params, train_cfgs)
+            self.model, opt, *dls = acc.prepare(model, opt, *(run.train_dl for run in self.runs.values()))
+            for run, dl in zip(self.runs.values(), dls):
+                run.opt, run.train_dl = opt, dl
+        acc.register_save_state_pre_hook(keep_trainable(self.model))
+        for run in self.runs.values():
+            tc, n = run.cfg.train, len(run.train_dl)
+            run.total_steps = min(tc.max_steps, n * tc.epochs) if tc.max_steps else n * tc.epochs
         self.global_step = 0
 
     def task_model(self, name: str) -> nn.Module:
@@ -289,18 +306,23 @@ class FusedTrainer:
             batches = {r.name: r.next_batch() for r in active}
             losses = self.model(batches)
             self._check(losses)
-            acc.backward(sum(losses.values()))
             tokens = acc.reduce(torch.stack([label_tokens(batches[r.name]) for r in active]).to(acc.device),
                                 reduction="sum")
+            # a task with no label tokens on any process this step takes no optimizer step
+            stepping = {r.name for r, n in zip(active, tokens.tolist()) if n}
+            if self.groups is not None:
+                self.groups.stepping = stepping
+            acc.backward(sum(losses.values()))  # DeepSpeed: also clips and steps each task (fused_zero)
             self.global_step += 1
             epochs_ended = False
-            for run, n in zip(active, tokens.tolist()):
+            for run in active:
                 tc = run.cfg.train
-                if n:  # a task with no label tokens on any process this step takes no optimizer step
-                    if tc.max_grad_norm:
-                        acc.clip_grad_norm_(run.params, tc.max_grad_norm)
-                    run.opt.step()
-                run.opt.zero_grad(set_to_none=True)
+                if self.groups is None:
+                    if run.name in stepping:
+                        if tc.max_grad_norm:
+                            acc.clip_grad_norm_(run.params, tc.max_grad_norm)
+                        run.opt.step()
+                    run.opt.zero_grad(set_to_none=True)
                 epochs_ended |= self._advance(run, losses[run.name])
             if self.out is not None and (epochs_ended or (every and self.global_step % every == 0)
                                          or all(r.done for r in self.runs.values())):
@@ -346,8 +368,11 @@ class FusedTrainer:
                                   f"{st.global_step}; lower {run.name}'s train.lr (now {run.cfg.train.lr:g})")
         if st.best_val_ppl is None or row["val_ppl"] < st.best_val_ppl:
             st.best_val_ppl, st.best_epoch = row["val_ppl"], row["epoch"]
-            if self.write_plugins and self.acc.is_main_process:
-                task_plugin(self.task_model(run.name), run.cfg, run.task, Path(run.cfg.output_dir) / "plugin")
+            if self.write_plugins:
+                model = self.task_model(run.name)
+                state = gathered_trainable(self.acc, model)  # every rank: ZeRO-3 gathers the task's shards
+                if self.acc.is_main_process:
+                    task_plugin(model, run.cfg, run.task, Path(run.cfg.output_dir) / "plugin", state)
 
     def _check(self, losses: dict[str, torch.Tensor]) -> None:
         stacked = self.acc.gather(torch.stack([v.detach().float() for v in losses.values()]))
@@ -372,9 +397,9 @@ class FusedTrainer:
             st = run.state
             out[name] = {"task": run.task.name, "best_epoch": st.best_epoch, "best_val_ppl": st.best_val_ppl,
                          "history": st.history, "global_step": st.global_step,
-                         "trainable_parameters": sum(p.numel() for p in run.params)}
+                         "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in run.params)}
         return {"tasks": out, "global_step": self.global_step, "world_size": self.acc.num_processes,
-                "distributed_type": str(self.acc.distributed_type)}
+                "distributed_type": str(self.acc.distributed_type), "zero_stage": self.zero}
 
     def write_results(self, root: str | Path, **extra) -> dict:
         """Each task's results.json in its output_dir, and the fused run's (with ``extra``) in ``root``."""

@@ -32,8 +32,8 @@ def check_finite(trainer) -> None:
     """Refuse to checkpoint non-finite trainable tensors (an update may overflow while its loss was finite); every
     rank learns of a bad tensor on any rank, so all stop."""
     bad = next((f"{name}: {n}" for name, run in trainer.runs.items()
-                for n, p in trainer.task_model(name).named_parameters()
-                if p.requires_grad and not bool(torch.isfinite(p).all())), None)
+                for n, p in trainer.task_model(name).named_parameters()  # ZeRO-3: this rank's shard
+                if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())), None)
     flags = trainer.acc.gather(torch.tensor([bad is not None], dtype=torch.float32, device=trainer.acc.device))
     if bool(flags.any()):
         raise DivergenceError(f"fused training diverged: trainable tensor {bad or '(on another process)'} is not "
@@ -76,7 +76,8 @@ def load_fused_checkpoint(trainer, root: str | Path) -> bool:
                                       f"trains {sorted(trainer.runs)}; resume with the same --tasks or train into "
                                       "another --out")
     check_fits(trainer, ckpt)
-    acc.load_state(str(ckpt), strict=False)
+    # our checkpoints hold the trainable tensors only (strict=False); DeepSpeed saves and loads its own way
+    acc.load_state(str(ckpt), **({} if trainer.zero is not None else {"strict": False}))
     streams = torch.load(ckpt / STREAMS, weights_only=False)
     trainer.global_step = saved["global_step"]
     for name, run in trainer.runs.items():
