@@ -20,6 +20,7 @@ config is refused with the tensors and config keys that differ (:class:`Checkpoi
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from mtcpeft.config import ConfigError, flat_config, save_config
 from mtcpeft.core.losses import perplexity, target_nll
+from mtcpeft.data.dataset import EmptySplitError
 from mtcpeft.data.streaming import ItemStream
 from mtcpeft.io import remove_tree, swap_dir, write_json
 from .precision import resolve_precision
@@ -297,13 +299,19 @@ class Trainer:
         """This process's batches of the stream's epoch in progress, until any process runs out (every process
         learns it in the same step: DDP needs the same number of steps on each)."""
         st = self.state
-        ds = self.stream.epoch(st.epoch, self.stream_state if st.step_in_epoch else None)
+        resumed = bool(st.step_in_epoch)
+        ds = self.stream.epoch(st.epoch, self.stream_state if resumed else None)
         self.stream_state, self.stream_ended = None, False
         batches = iter(DataLoader(ds, batch_size=self.tc.batch_size, collate_fn=self.collate))
-        while True:
+        for n in itertools.count():
             batch = next(batches, None)
-            have = torch.tensor([batch is not None], dtype=torch.float32, device=self.acc.device)
-            if not bool(self.acc.gather(have).all()):
+            have = self.acc.gather(torch.tensor([batch is not None], dtype=torch.float32, device=self.acc.device))
+            if not bool(have.all()):
+                if n == 0 and not resumed:  # else every epoch would end at once and the run train nothing
+                    why = self.stream.report.why_empty() if self.stream.report is not None else ""
+                    raise EmptySplitError(f"the streamed training split gave process {int(have.argmin())} no usable "
+                                          f"example{': ' + why if why else ''}; data: {self.cfg.data.describe('train')}"
+                                          "; fix the data or point data.hf_path at other files")
                 self.stream_ended = True
                 return
             yield send_to_device(batch, self.acc.device)

@@ -22,7 +22,6 @@ def png(rgb, size: int = 16) -> bytes:
 
 
 def _shards(rows: dict, n_files: int) -> list[dict]:
-    n = len(next(iter(rows.values())))
     return [{k: v[i::n_files] for k, v in rows.items()} for i in range(n_files)]
 
 

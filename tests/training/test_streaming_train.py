@@ -14,7 +14,8 @@ import torch
 from mtcpeft.config import ConfigError
 from mtcpeft.data.task import get_task
 from mtcpeft.training.build import build_task_model
-from mtcpeft.training.streams import build_run_data
+from mtcpeft.data.dataset import EmptySplitError
+from mtcpeft.training.streams import build_run_data, build_train_stream
 from mtcpeft.training.trainer import STREAM_STATE, Trainer
 from support.runs import tiny_run_config, trainable
 from support.streams import caption_parquets, qa_parquets, vqa_imagefolder
@@ -62,6 +63,18 @@ def test_a_stream_without_max_steps_is_refused(tiny_lm_dir, tmp_path):
         Trainer(cfg, model, train, val)
 
 
+def test_a_stream_without_usable_examples_stops_saying_why(tiny_lm_dir, tmp_path):
+    folder = caption_parquets(tmp_path, n=4, n_files=2, bad_rows=(0, 1, 2, 3))
+    cfg = tiny_run_config(tiny_lm_dir, tmp_path / "run", "task=caption", *STREAM, f"data.hf_path={folder}",
+                          "train.max_steps=2", "data.hf_val_split=train")
+    task = get_task("caption")
+    model, tok, layout = build_task_model(cfg, task)
+    train = build_train_stream(cfg, task, model, tok, layout)
+    with pytest.raises(EmptySplitError, match=r"gave process 0 no usable example: 6 examples read; 4 unreadable "
+                                              r"images skipped .*data.hf_path="):
+        Trainer(cfg, model, train, None).fit()
+
+
 def test_an_interrupted_stream_run_resumes_exactly(tiny_lm_dir, tmp_path):
     """24 rows, batch 4: 6 steps an epoch; stopped at step 4 (mid-epoch), resumed to step 9 (into epoch 2)."""
     folder = qa_parquets(tmp_path, n=24, n_files=3)
@@ -79,6 +92,21 @@ def test_an_interrupted_stream_run_resumes_exactly(tiny_lm_dir, tmp_path):
     assert [r["val_ppl"] for r in state.history if r["step"] != 4] == [r["val_ppl"] for r in full.state.history]
 
 
+def test_train_task_script_streams(tiny_lm_dir, tmp_path, capsys):
+    from conftest import tiny_overrides
+    from support.cli import run_script
+
+    out = tmp_path / "run"
+    code, results, err = run_script("train_task.py", ["--task", "qa", *tiny_overrides(tiny_lm_dir, out), *STREAM,
+                                                     f"data.hf_path={qa_parquets(tmp_path)}", "train.max_steps=3"],
+                                    capsys)
+    assert code == 0, err
+    assert results == json.loads((out / "results.json").read_text())
+    assert results["global_step"] == 3 and results["data"]["train"]["kept"] >= 12 and results["data"]["val"]["kept"] == 4
+    assert (out / "plugin" / "adaptor.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_two_ddp_processes_read_disjoint_shards_and_end_identical(tiny_lm_dir, tmp_path):
     folder = qa_parquets(tmp_path, n=32, n_files=4)
     out = tmp_path / "run"
