@@ -4,6 +4,8 @@
     accelerate launch launch/train_task.py --task qa                       # configs/qa_offline.yaml
     python launch/train_task.py --task caption --config configs/paper/swin_tiny_lora.yaml adaptor.rank=8
     accelerate launch launch/train_task.py --task caption train.resume=true   # continue an interrupted run
+    python launch/train_task.py --task qa data.source=hf data.hf_path=rajpurkar/squad data.streaming=true \
+        train.max_steps=1000 data.val_limit=500                                 # stream the split while training
 
 Positional ``key=value`` arguments override the YAML (``train.lr=3e-4``). Output directory: checkpoint/
 (atomic, resumable), plugin/ (adaptor.safetensors + plugin.json of the best validation), config.yaml,
@@ -22,8 +24,9 @@ import tasks  # noqa: F401  (registers the shipped tasks)
 from mtcpeft.cli import add_task_module_option, load_task_modules, run_cli, task_help
 from mtcpeft.config import load_config
 from mtcpeft.data.task import get_task, offline_config
-from mtcpeft.training.build import build_datasets, build_task_model, task_plugin
+from mtcpeft.training.build import build_task_model, task_plugin
 from mtcpeft.training.run import end_run, fit_run, run_results, start_run
+from mtcpeft.training.streams import build_run_data
 from mtcpeft.training.trainer import make_accelerator
 
 
@@ -48,15 +51,18 @@ def main(argv: list[str] | None = None) -> dict:
     start_run(cfg, args.overwrite)
     model, tokenizer, layout = build_task_model(cfg, task)  # before the Accelerator (see mtcpeft/training/run.py)
     acc = make_accelerator(cfg.train, cfg.output_dir)
-    with acc.main_process_first():
-        data = build_datasets(cfg, task, model, tokenizer, layout, progress=acc.is_local_main_process)
-    for split, (_, report) in data.items():
-        acc.print(report.summary(split))
-    trainer, state = fit_run(cfg, model, data["train"][0], data["val"][0], acc,
-                             lambda m, out, tensors: task_plugin(m, cfg, task, out, tensors))
+    with acc.main_process_first():  # data.streaming: the training split is read while training, not here
+        train, val, reports = build_run_data(cfg, task, model, tokenizer, layout, acc.process_index,
+                                             acc.num_processes, progress=acc.is_local_main_process)
+    for split, report in reports.items():
+        if split != "train" or not cfg.data.streaming:
+            acc.print(report.summary(split))
+    trainer, state = fit_run(cfg, model, train, val, acc, lambda m, out, tensors: task_plugin(m, cfg, task, out, tensors))
     trainer.finish()
+    if cfg.data.streaming:  # what the stream dropped, as read by this process
+        acc.print(reports["train"].summary("train (streamed, process 0)"))
     results = {"task": task.name, **run_results(trainer, state),
-               "data": {s: vars(r) | {"bad_images": len(r.bad_images)} for s, (_, r) in data.items()}}
+               "data": {s: vars(r) | {"bad_images": len(r.bad_images)} for s, r in reports.items()}}
     end_run(acc, results, cfg.output_dir, state)
     return results
 

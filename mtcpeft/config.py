@@ -181,6 +181,10 @@ class DataConfig:
     val_limit: int | None = None  # use only the first N validation examples; None = all
     on_bad_image: str = "skip"  # unreadable image: "skip" it (and count it) | "fail"
     num_workers: int = 0  # DataLoader worker processes
+    streaming: bool = False  # source hf: read the training split as a stream (datasets' IterableDataset) while
+    #   training, never whole; needs train.max_steps and data.val_limit (validation: the split's first val_limit rows)
+    shuffle_buffer: int = 1000  # streaming: examples drawn at random from a buffer of this many rows (seeded, reshuffled
+    #   every epoch, shard order too); 0 = the split's own order
 
     def __post_init__(self):
         _one_of("source", self.source, SOURCES)
@@ -195,6 +199,17 @@ class DataConfig:
         _positive_or_none("val_limit", self.val_limit)
         _one_of("on_bad_image", self.on_bad_image, ("skip", "fail"))
         _check(self.num_workers >= 0, "num_workers", "must be >= 0", self.num_workers)
+        _check(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0 (0: no shuffling)", self.shuffle_buffer)
+        if self.streaming:
+            _check(self.source == "hf", "streaming", "needs data.source=hf (a Hugging Face datasets split); the "
+                   f"other sources are read whole, so set data.streaming=false for source {self.source!r}", True)
+            _check(self.val_limit is not None, "streaming", "validates on the first data.val_limit examples of the "
+                   "validation split, read once; set data.val_limit=N (e.g. 500)", True)
+            _check(self.train_limit is None, "train_limit", "does not apply to a stream (it has no fixed order of "
+                   "examples); bound training with train.max_steps and leave data.train_limit null", self.train_limit)
+            _check(self.num_workers == 0, "num_workers", "must be 0 with data.streaming=true: the stream's position "
+                   "(what a resumed run continues from) is read from the dataset in the training process, which "
+                   "worker processes would hide", self.num_workers)
 
     def describe(self, split: str) -> str:
         """Where ``split``'s examples come from: ``"data.source=coco val (data.val_annotations=..., ...)"``."""
@@ -271,6 +286,10 @@ class RunConfig:
             raise ConfigError(f"config key 'train.mode' is 'full' (every LM weight trains) but adaptor.kind is "
                               f"{self.adaptor.kind!r}; set adaptor.kind=none for full fine-tuning, or train.mode="
                               "adaptors to train the adaptor")
+        if self.data.streaming and not self.train.max_steps:
+            raise ConfigError("config key 'data.streaming' is true but train.max_steps is not set: a stream has no "
+                              "length to count epochs of steps by; set train.max_steps=N (train.epochs still caps the "
+                              "passes over the split)")
 
 
 # ------------------------------------------------------------------------------------------- type checking

@@ -50,9 +50,10 @@ def _splits_error(where: str, split: str, splits, key: str) -> MissingSplitError
                              f"data.{key} to one of them")
 
 
-def load_split(path: str, name: str | None, split: str, key: str = "hf_train_split"):
+def load_split(path: str, name: str | None, split: str, key: str = "hf_train_split", streaming: bool = False):
     """The ``datasets.Dataset`` of ``split`` at ``path`` (see the module docstring); ``key`` is the config key that
-    chose the split, named in the error when the split does not exist."""
+    chose the split, named in the error when the split does not exist. ``streaming``: a ``datasets.IterableDataset``
+    that reads rows as they are iterated (a saved folder: its Arrow files in up to 64 shards)."""
     import datasets
 
     local = Path(path)
@@ -64,7 +65,8 @@ def load_split(path: str, name: str | None, split: str, key: str = "hf_train_spl
         saved = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
         if split not in saved:
             raise _splits_error(f"data.hf_path={path}", split, saved, key)
-        return saved[split]
+        ds = saved[split]
+        return ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 64))) if streaming else ds
     files = local.is_file() or _is_glob(path)
     if files:
         suffix = "".join(Path(path).suffixes[-1:]).lower()
@@ -78,9 +80,9 @@ def load_split(path: str, name: str | None, split: str, key: str = "hf_train_spl
     else:  # a data folder (imagefolder, parquet files ...) or a hub id
         args, kwargs = (path, name), {}
     try:
-        return datasets.load_dataset(*args, split=split, **kwargs)
+        return datasets.load_dataset(*args, split=split, streaming=streaming, **kwargs)
     except ValueError as e:
-        if "Unknown split" not in str(e):
+        if "Unknown split" not in str(e) and "Bad split" not in str(e):  # the message without / with streaming
             raise DataFormatError(f"data.hf_path={path}: {e}") from None
         splits = datasets.get_dataset_split_names(*args, **kwargs)
         raise _splits_error(f"data.hf_path={path}", split, splits, key) from None

@@ -109,7 +109,12 @@ def _hf_split(data, split: str):
     image paths start from)."""
     key = "hf_train_split" if split == "train" else "hf_val_split"
     path, name = need(data.hf_path, "data.hf_path"), getattr(data, key)
-    ds = load_split(path, data.hf_name, name, key)
+    if getattr(data, "streaming", False) and split != "train":  # a streaming run validates on the split's head
+        from .streaming import head
+
+        ds = head(data, split, data.val_limit)
+    else:
+        ds = load_split(path, data.hf_name, name, key)
     return ds, f"{path}{':' + data.hf_name if data.hf_name else ''}[{name}]", local_base(path)
 
 

@@ -108,6 +108,10 @@ def build_datasets(cfg: RunConfig, task, model: VisionLanguageModel, tokenizer, 
     augmentation needs the pixels. ``routes`` maps the task's context ids to the model's groups (index id + 1;
     default: identity, or the shared group of a context-agnostic model). A dataset's ``examples`` are the ones it
     kept; a split that keeps none raises :class:`EmptySplitError` naming the split, its files and what was dropped."""
+    if cfg.data.streaming and "train" in splits:
+        raise ConfigError("data.streaming=true: the training split is read as a stream "
+                          "(mtcpeft.training.streams.build_train_stream), which this command does not do; set "
+                          "data.streaming=false")
     out = {}
     for split in splits:
         examples, note = read_split(cfg, task, split)

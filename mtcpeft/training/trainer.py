@@ -6,6 +6,13 @@ training (``max_steps`` may stop mid-epoch), keeps the best evaluation, and writ
 ``save_every_steps`` optimizer steps, at each epoch end and at the stop) that ``resume`` continues from exactly
 where they stopped: same parameters, optimizer, RNG and data order.
 
+The training set may be a stream (:class:`~mtcpeft.data.streaming.ItemStream`, ``data.streaming=true``): it has no
+length, so ``max_steps`` bounds training (``epochs`` still caps the passes). Each process reads its own part of the
+stream (the loader is not prepared by accelerate); an epoch ends for every process when one of them runs out of items
+(the others' leftovers of that epoch are not used). A checkpoint holds each process's stream position
+(``stream_state.<rank>.json``), and resuming needs the same number of processes; what is exact is said in
+:mod:`mtcpeft.data.streaming`.
+
 Nothing silently wrong: a non-finite loss, parameter or validation perplexity stops the run with
 :class:`DivergenceError` before anything of it is saved; a kill at any moment of a checkpoint write leaves a
 complete checkpoint to resume from (:func:`recover_checkpoint`); a checkpoint made with another model or adaptor
@@ -13,6 +20,7 @@ config is refused with the tensors and config keys that differ (:class:`Checkpoi
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,12 +32,15 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                               send_to_device, set_seed)
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mtcpeft.config import ConfigError, flat_config, save_config
 from mtcpeft.core.losses import perplexity, target_nll
+from mtcpeft.data.dataset import EmptySplitError
+from mtcpeft.data.streaming import ItemStream
 from mtcpeft.io import remove_tree, swap_dir, write_json
 from .precision import resolve_precision
 from .progress import error_text, write_progress
@@ -37,6 +48,7 @@ from .progress import error_text, write_progress
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint directory holding it is complete
 RUN_CONFIG = "run_config.json"  # the flat config of the run that wrote the checkpoint (to name what differs)
+STREAM_STATE = "stream_state.{rank}.json"  # a streaming run: where each process's stream stood
 
 
 class DivergenceError(ConfigError):
@@ -170,7 +182,8 @@ def peak_memory_mb() -> float:
 class Trainer:
     """Owns the accelerator, the prepared model/optimizer/loaders and the :class:`TrainState`."""
 
-    def __init__(self, cfg, model: torch.nn.Module, train_ds: Dataset, val_ds: Dataset | dict[str, Dataset] | None,
+    def __init__(self, cfg, model: torch.nn.Module, train_ds: Dataset | ItemStream,
+                 val_ds: Dataset | dict[str, Dataset] | None,
                  collate: Callable | None = None, accelerator: Accelerator | None = None,
                  on_best: Callable[["Trainer"], None] | None = None):
         """``val_ds`` may be a dict {task: dataset}: each is evaluated on its own (``val/<task>/ppl``) and the
@@ -185,11 +198,22 @@ class Trainer:
                              "projector")
         self.num_trainable = sum(p.numel() for p in params)
         opt = make_adamw(params, self.tc)
-        g = torch.Generator().manual_seed(cfg.seed)
-        train_dl = DataLoader(train_ds, batch_size=self.tc.batch_size, shuffle=True, collate_fn=collate,
-                              generator=g, drop_last=False, num_workers=cfg.data.num_workers)
         vals = {} if val_ds is None else dict(val_ds) if isinstance(val_ds, dict) else {"": val_ds}
-        self.model, self.opt, self.train_dl = self.acc.prepare(model, opt, train_dl)
+        self.stream = train_ds if isinstance(train_ds, ItemStream) else None
+        self.collate = collate
+        self.stream_state: dict | None = None  # where a resumed stream continues (its epoch in progress)
+        self.stream_ended = False  # the stream's epoch in progress ran out (on some process)
+        if self.stream is not None:
+            if not self.tc.max_steps:
+                raise ConfigError("training on a stream (data.streaming=true) needs train.max_steps: a stream has no "
+                                  "length to count epochs of steps by; set train.max_steps=N")
+            self.model, self.opt = self.acc.prepare(model, opt)
+            self.train_dl = None
+        else:
+            g = torch.Generator().manual_seed(cfg.seed)
+            train_dl = DataLoader(train_ds, batch_size=self.tc.batch_size, shuffle=True, collate_fn=collate,
+                                  generator=g, drop_last=False, num_workers=cfg.data.num_workers)
+            self.model, self.opt, self.train_dl = self.acc.prepare(model, opt, train_dl)
         self.val_dls = {name: self.acc.prepare(DataLoader(ds, batch_size=self.tc.batch_size, collate_fn=collate,
                                                           num_workers=cfg.data.num_workers))
                         for name, ds in vals.items()}
@@ -219,8 +243,8 @@ class Trainer:
             return
         st = self.state
         val = self.last_val_ppl or next((r["val_ppl"] for r in reversed(st.history) if "val_ppl" in r), None)
-        epoch = round(st.epoch + st.step_in_epoch / max(len(self.train_dl), 1), 3)
-        write_progress(self.out, status=status, step=st.global_step, total_steps=self.total_steps, epoch=epoch,
+        write_progress(self.out, status=status, step=st.global_step, total_steps=self.total_steps,
+                       epoch=self._epochs_done(),
                        epochs=self.tc.epochs, loss=self.last_loss, val_ppl=val, error=error)
 
     def _fit(self) -> TrainState:
@@ -237,8 +261,9 @@ class Trainer:
             st.history.append(row)
             acc.log(_val_logs(row), step=0)
             acc.print(f"before training: val perplexity {row['val_ppl']:.3f}")
-        steps_per_epoch = math.ceil(len(self.train_dl) / tc.grad_accum)
-        total = self.total_steps = tc.max_steps or steps_per_epoch * tc.epochs
+        if self.stream is not None:
+            acc.print(self.stream.summary())
+        total = self.total_steps = tc.max_steps or math.ceil(len(self.train_dl) / tc.grad_accum) * tc.epochs
         self._report("running")
         tokens, t0 = 0, time.perf_counter()
         done = st.global_step >= total
@@ -246,9 +271,7 @@ class Trainer:
         with tqdm(total=total, initial=st.global_step, disable=not acc.is_main_process, desc="train",
                   unit="step") as bar:
             while st.epoch < tc.epochs and not done:
-                self.train_dl.set_epoch(st.epoch)
-                skip = st.step_in_epoch
-                loader = acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
+                loader = self._epoch_batches()
                 self.model.train()
                 for batch in loader:
                     with acc.accumulate(self.model):
@@ -277,7 +300,7 @@ class Trainer:
                     if tc.max_steps and st.global_step >= tc.max_steps:
                         done = True
                         break
-                if st.step_in_epoch >= len(self.train_dl):
+                if self._epoch_over():
                     self.end_epoch()
                 elif done:  # max_steps reached mid-epoch: keep a checkpoint to continue from
                     self.save_checkpoint()
@@ -286,12 +309,52 @@ class Trainer:
             # the parameters training ends with are always validated (and may be the best): max_steps stopped
             # mid-epoch, or the last epoch was not an evaluation epoch. After the checkpoint, so that a resumed run
             # continues exactly as an uninterrupted one (the row is in results, not in the checkpoint).
-            done_epochs = round(st.epoch + st.step_in_epoch / len(self.train_dl), 3)
+            done_epochs = self._epochs_done()
             row = {"epoch": int(done_epochs) if done_epochs == int(done_epochs) else done_epochs,
                    "step": st.global_step}
             self._validate(row, f"end of training (step {st.global_step}, epoch {row['epoch']})")
             st.history.append(row)
         return st
+
+    def _epoch_batches(self):
+        """The batches left of the epoch in progress."""
+        st = self.state
+        if self.stream is None:
+            self.train_dl.set_epoch(st.epoch)
+            skip = st.step_in_epoch
+            return self.acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
+        return self._stream_batches()
+
+    def _stream_batches(self):
+        """This process's batches of the stream's epoch in progress, until any process runs out (every process
+        learns it in the same step: DDP needs the same number of steps on each)."""
+        st = self.state
+        resumed = bool(st.step_in_epoch)
+        ds = self.stream.epoch(st.epoch, self.stream_state if resumed else None)
+        self.stream_state, self.stream_ended = None, False
+        batches = iter(DataLoader(ds, batch_size=self.tc.batch_size, collate_fn=self.collate))
+        for n in itertools.count():
+            batch = next(batches, None)
+            have = self.acc.gather(torch.tensor([batch is not None], dtype=torch.float32, device=self.acc.device))
+            if not bool(have.all()):
+                if n == 0 and not resumed:  # else every epoch would end at once and the run train nothing
+                    why = self.stream.report.why_empty() if self.stream.report is not None else ""
+                    raise EmptySplitError(f"the streamed training split gave process {int(have.argmin())} no usable "
+                                          f"example{': ' + why if why else ''}; data: {self.cfg.data.describe('train')}"
+                                          "; fix the data or point data.hf_path at other files")
+                self.stream_ended = True
+                return
+            yield send_to_device(batch, self.acc.device)
+
+    def _epoch_over(self) -> bool:
+        return self.stream_ended if self.stream is not None else self.state.step_in_epoch >= len(self.train_dl)
+
+    def _epochs_done(self) -> float:
+        """Epochs done, with the fraction of the one in progress (a stream: whole epochs only, its length unknown)."""
+        st = self.state
+        if self.stream is not None:
+            return st.epoch
+        return round(st.epoch + st.step_in_epoch / max(len(self.train_dl), 1), 3)
 
     def finish(self) -> None:
         """Flush the trackers and end the run (accelerate then also tears down the process group: collective
@@ -307,7 +370,8 @@ class Trainer:
             self._validate(row, f"epoch {st.epoch + 1}")
         st.history.append(row)
         st.epoch, st.step_in_epoch = st.epoch + 1, 0
-        self.save_checkpoint()
+        if self.stream is None or self.acc.sync_gradients:  # a stream's epoch may end mid-accumulation: no state
+            self.save_checkpoint()  # to resume from there (the gradients are not saved); the next step's will do
 
     def _validate(self, row: dict, label: str) -> None:
         """Evaluate into ``row``; a better (finite) perplexity than the best so far calls ``on_best``."""
@@ -378,6 +442,8 @@ class Trainer:
             tmp.mkdir(parents=True)  # before any rank writes its shard into it (DeepSpeed: every rank saves)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if self.stream is not None:
+            write_json(self.stream.state_dict(), tmp / STREAM_STATE.format(rank=acc.process_index))
         acc.wait_for_everyone()  # every rank's files (shards, RNG states) are in tmp before it is renamed
         if acc.is_main_process:
             write_json(_flat(self.cfg), tmp / RUN_CONFIG)
@@ -397,7 +463,20 @@ class Trainer:
         # our checkpoints hold the trainable tensors only (strict=False); DeepSpeed saves and loads its own way
         self.acc.load_state(str(ckpt), **({} if zero_stage(self.acc) is not None else {"strict": False}))
         self.state = TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
+        if self.stream is not None:
+            self.stream_state = self._load_stream_state(ckpt)
         self.acc.print(f"resumed from {ckpt}: epoch {self.state.epoch + 1}, step {self.state.global_step}")
+
+    def _load_stream_state(self, ckpt: Path) -> dict:
+        """This process's stream position in ``ckpt``; a checkpoint of another number of processes is refused (each
+        process's position is in its own part of the stream)."""
+        saved = len(list(ckpt.glob(STREAM_STATE.format(rank="*"))))
+        if saved != self.acc.num_processes:
+            raise CheckpointMismatchError(
+                f"the checkpoint in {ckpt} holds the stream positions of {saved} processes (or none: not a streaming "
+                f"run), this run has {self.acc.num_processes}; resume a streaming run with the number of processes "
+                "(and data.streaming) it was made with")
+        return json.loads((ckpt / STREAM_STATE.format(rank=self.acc.process_index)).read_text())
 
     def _check_checkpoint_fits(self, ckpt: Path) -> None:
         """Compare the checkpoint's trainable tensor names and shapes with the model's before loading (a
