@@ -263,3 +263,36 @@ def test_rank_lines_draw_means_and_intervals_over_seeds(tmp_path):
     (path,) = make_plots(rows, tmp_path, ["rank"])
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] >= 600
+
+
+# ------------------------------------------------------------------------------------------------------ real
+@pytest.mark.slow
+def test_real_seeded_sweep_of_a_tiny_model(tiny_lm_dir, tmp_path):
+    """A specific/agnostic pair over seeds 0 and 1, four real trainings through launch/sweep.py: each run trains with
+    its seed (config.yaml; different seeds, different results) and the tables are the runs' results.json reduced."""
+    import json
+
+    from conftest import tiny_overrides
+
+    shared = [o for o in tiny_overrides(tiny_lm_dir, "unused") if o.partition("=")[0] not in ("output_dir", "seed")]
+    path = sweep_file(tmp_path, {"overrides": shared + ["train.epochs=1", "train.mixed_precision=no"],
+                                 "seeds": [0, 1], "grid": {"adaptor": ["lora-2"], "targets": ["AF"],
+                                                           "agnostic": [True, False]}})
+    rows = load_script("sweep.py").main(["--config", str(path)])
+    out = tmp_path / "out"
+    assert [(r["run"], r["status"]) for r in rows] == [
+        ("lora-2_AF_agnostic_s0", "ok"), ("lora-2_AF_agnostic_s1", "ok"),
+        ("lora-2_AF_specific_s0", "ok"), ("lora-2_AF_specific_s1", "ok")], rows
+    ppl = {r["run"]: json.loads((out / r["run"] / "results.json").read_text())["best_val_ppl"] for r in rows}
+    for r in rows:
+        saved = (out / r["run"] / "config.yaml").read_text()
+        assert f"\nseed: {r['seed']}\n" in saved
+    assert ppl["lora-2_AF_specific_s0"] != ppl["lora-2_AF_specific_s1"]  # the seed reached training
+    points = csv_rows(out / "points.csv")
+    assert float(points["lora-2_AF_specific"]["mean_val_ppl"]) == pytest.approx(
+        (ppl["lora-2_AF_specific_s0"] + ppl["lora-2_AF_specific_s1"]) / 2)
+    (pair,) = csv_rows(out / "pairs.csv").values()
+    assert [float(x) for x in pair["diffs"].split()] == pytest.approx(
+        [ppl[f"lora-2_AF_specific_s{s}"] - ppl[f"lora-2_AF_agnostic_s{s}"] for s in (0, 1)], rel=1e-5)
+    assert (out / "ppl_bars.png").is_file()
+    assert "specific better with an interval excluding zero in " in (out / "results.md").read_text()
