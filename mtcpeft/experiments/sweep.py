@@ -3,12 +3,15 @@
 
 Each run is the caller's training command (``python launch/train_task.py``) with ``--task --config <base>``, the
 overrides in this order: the sweep's ``overrides``, the command line's, the run's axis values (an axis always
-wins), and ``output_dir=<out>/<name>``; its log is ``<out>/<name>/sweep.log``.
+wins), its ``seed=S`` (a seeded sweep) and ``output_dir=<out>/<name>``; its log is ``<out>/<name>/sweep.log``. A
+seeded sweep trains seed by seed (every point with the first seed, then with the second, ...), so a sweep stopped
+halfway already has whole tables of its first seeds.
 
 Resume: a run whose ``results.json`` exists is not trained again; one with a checkpoint but no results (it
 crashed or was interrupted) restarts with ``train.resume=true``; a failing run is recorded as failed and the
 sweep goes on. A run directory whose ``config.yaml`` differs from the planned config stops the sweep before any
-training (stale results would otherwise be mixed in).
+training (stale results would otherwise be mixed in). Each (point, seed) is a run folder of its own: adding a seed
+to the list trains only the new runs; a seed taken off the list leaves its folders but not the tables.
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ import yaml
 from mtcpeft.config import ConfigError, config_to_dict, flat_config, load_config
 from mtcpeft.io import write_json
 from .devices import assign_devices, detect_devices
-from .runner import RunPlan, resume_action, run_plans
-from .sweep_results import STATUS_FILE, collect_rows, read_status, run_row, write_tables
-from .sweep_spec import Sweep, SweepError, axis_overrides, run_name
+from .runner import resume_action, run_plans
+from .sweep_results import (STATUS_FILE, SweepPlan, collect_rows, count_line, pair_rows, read_status, run_row,
+                            write_tables)
+from .sweep_spec import Sweep, SweepError, axis_overrides, pair_name, run_name, seeded_name
 
 
 def config_diff(old: dict, new: dict, ignore: Sequence[str] = ("output_dir", "train.resume")) -> list[str]:
@@ -34,20 +38,26 @@ def config_diff(old: dict, new: dict, ignore: Sequence[str] = ("output_dir", "tr
     return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
 
 
-def plan_runs(sweep: Sweep, cli_overrides: Sequence[str] = (), command: Sequence[str] = ()) -> list[RunPlan]:
+def plan_runs(sweep: Sweep, cli_overrides: Sequence[str] = (), command: Sequence[str] = ()) -> list[SweepPlan]:
     """Every run's config (checked now), directory, action (done, resume or train: :func:`.runner.resume_action`)
-    and command: ``command`` (the training command, e.g. ``[python, "launch/train_task.py"]``) and its arguments."""
+    and command: ``command`` (the training command, e.g. ``[python, "launch/train_task.py"]``) and its arguments.
+    One run per grid point and seed, point by point (a point's seeds together)."""
     for o in [*sweep.overrides, *cli_overrides]:
         key = o.partition("=")[0].strip()
         if key in ("output_dir", "train.resume", "task"):
             raise SweepError(f"override {o!r}: the sweep sets {key} itself (each run trains into <out>/<name>; "
                              "choose the folder with --out)")
+        if key == "seed" and sweep.seeds is not None:
+            raise SweepError(f"override {o!r}: this sweep runs every point with seeds {sweep.seeds}; change the "
+                             "seeds (seeds: in the sweep file, or --seeds) instead")
     plans = []
-    for values in sweep.runs:
-        name = run_name(values)
+    for values, seed in ((v, s) for v in sweep.runs for s in (sweep.seeds or [None])):
+        point = run_name(values)
+        name = seeded_name(point, seed)
         run_dir = sweep.out / name
         axis = [o for a, v in values.items() if a != "name" for o in axis_overrides(a, v)]
-        overrides = [*sweep.overrides, *cli_overrides, *axis, f"output_dir={run_dir}"]
+        overrides = [*sweep.overrides, *cli_overrides, *axis, *([f"seed={seed}"] if seed is not None else []),
+                     f"output_dir={run_dir}"]
         try:
             cfg = load_config(sweep.base, overrides)
         except ConfigError as e:
@@ -64,8 +74,8 @@ def plan_runs(sweep: Sweep, cli_overrides: Sequence[str] = (), command: Sequence
         action = resume_action(run_dir)
         args = ["--task", sweep.task, "--config", str(sweep.base), *overrides,
                 *(["train.resume=true"] if action == "resume" else [])]
-        plans.append(RunPlan(name, run_dir, run_dir / "sweep.log", [*command, *args], task=sweep.task, config=cfg,
-                             action=action))
+        plans.append(SweepPlan(name, run_dir, run_dir / "sweep.log", [*command, *args], task=sweep.task, config=cfg,
+                               action=action, point=point, seed=seed, pair=pair_name(values)))
     return plans
 
 
@@ -83,10 +93,13 @@ def run_sweep(sweep: Sweep, cli_overrides: Sequence[str] = (), *, command: Seque
     follow); write results.csv / results.md after each run and the plots at the end. Returns the table rows.
     ``dry_run`` only plans and prints."""
     plans = plan_runs(sweep, cli_overrides, command)
-    todo = [p for p in plans if p.action != "done"]
-    echo(f"sweep: {len(plans)} runs in {sweep.out} ({len(plans) - len(todo)} done, {len(todo)} to train)")
-    heads = {p.name: f"[{i}/{len(plans)}] {p.name}" for i, p in enumerate(plans, 1)}
-    for p in plans:
+    seeds = sweep.seeds or [None]
+    order = sorted(plans, key=lambda p: seeds.index(p.seed))  # seed by seed: whole tables of the first seeds early
+    todo = [p for p in order if p.action != "done"]
+    points = f" ({len(sweep.runs)} grid points x {len(seeds)} seeds)" if sweep.seeds else ""
+    echo(f"sweep: {len(plans)} runs{points} in {sweep.out} ({len(plans) - len(todo)} done, {len(todo)} to train)")
+    heads = {p.name: f"[{i}/{len(plans)}] {p.name}" for i, p in enumerate(order, 1)}
+    for p in order:
         if p.action == "done":
             echo(f"{heads[p.name]}: results.json exists, skipped")
         elif dry_run:
@@ -123,6 +136,9 @@ def run_sweep(sweep: Sweep, cli_overrides: Sequence[str] = (), *, command: Seque
                 echo(f"plot: {path}")
         except ValueError as e:  # e.g. a rank plot of a sweep without LoRA runs: the rest is written anyway
             echo(f"no plot: {e}")
+    pairs = pair_rows(rows) if sweep.seeds else []
+    if pairs:
+        echo(count_line(pairs))
     failed = [r["run"] for r in rows if r["status"] == "failed"]
     echo(f"results: {sweep.out / 'results.md'}" + (f"; failed: {', '.join(failed)} (rerun the same command to "
                                                      "retry them)" if failed else ""))

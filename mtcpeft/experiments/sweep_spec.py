@@ -10,11 +10,14 @@ combination is a run) or an explicit ``runs`` list::
     overrides: [data.train_limit=200, train.epochs=1]
     grid: {adaptor: [ia3, bitfit, lora-8], targets: [A, F, AF], agnostic: [true, false]}
     plot: bars                           # bars (Figure 3) | rank (Figure 4) | a list of both
+    seeds: [0, 1, 2]                     # each grid point once per seed; default: the base config's seed, once
 
 Axes (and the keys of a ``runs`` entry): ``adaptor`` (a kind, ``lora-R`` = LoRA of rank R, ``none`` = the
 frozen LM, ``full`` = full fine-tuning: ``train.mode=full``), ``rank``, ``targets``
 (A | F | AF | module patterns), ``agnostic`` (true | false), or any dotted config key (``train.lr``). A run is
-named after its values (``lora-8_AF_specific``). How the runs are trained: :mod:`.sweep`.
+named after its values (``lora-8_AF_specific``), a run of a seeded sweep also after its seed
+(``lora-8_AF_specific_s1``: config key ``seed=1``); a grid point is a run's values without the seed. How the runs
+are trained: :mod:`.sweep`; what the tables report over seeds: :mod:`.sweep_results`.
 """
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ from typing import Any, Sequence
 import yaml
 
 from mtcpeft.config import ConfigError, load_config
+from .stats import t_critical
 
 AXES = ("adaptor", "rank", "targets", "agnostic")
 FULL = "full"  # adaptor axis value of full fine-tuning (train.mode=full, no adaptor); "none" is the frozen LM
-SWEEP_KEYS = ("base", "task", "out", "overrides", "grid", "runs", "plot")
+SWEEP_KEYS = ("base", "task", "out", "overrides", "grid", "runs", "plot", "seeds")
 PLOTS = ("bars", "rank")
 
 
@@ -49,8 +53,9 @@ class Sweep:
     task: str
     out: Path
     overrides: list[str]
-    runs: list[dict[str, Any]]  # per run: axis -> value, in axis order (optionally "name")
+    runs: list[dict[str, Any]]  # per grid point: axis -> value, in axis order (optionally "name")
     plots: list[str] = field(default_factory=lambda: ["bars"])
+    seeds: list[int] | None = None  # each point once per seed; None: once, with the base config's seed
 
 
 def _suggest(name: str, choices: Sequence[str]) -> str:
@@ -79,6 +84,9 @@ def axis_overrides(axis: str, value: Any) -> list[str]:
         if not isinstance(value, bool):
             raise SweepError(f"agnostic value {value!r} must be true or false")
         return [f"adaptor.context_agnostic={str(value).lower()}"]
+    if axis == "seed":
+        raise SweepError("seed is not a grid axis: list the seeds every grid point runs with as seeds: [0, 1, 2] "
+                         "(a key of the sweep file beside grid) or --seeds 0,1,2")
     if "." in axis:  # any config key; load_config checks it when the runs are planned
         return [f"{axis}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
     raise SweepError(f"unknown sweep axis {axis!r}; {_suggest(axis, AXES)}axes are {', '.join(AXES)} "
@@ -99,6 +107,46 @@ def run_name(values: dict[str, Any]) -> str:
     if values.get("name"):
         return str(values["name"])
     return "_".join(_name_part(a, v) for a, v in values.items()) or "run"
+
+
+def seeded_name(point: str, seed: int | None) -> str:
+    """Directory name of a point's run with ``seed`` (``lora-8_AF_specific_s1``); the point's name without one."""
+    return point if seed is None else f"{point}_s{seed}"
+
+
+def pair_name(values: dict[str, Any]) -> str | None:
+    """The specific/agnostic pair a point belongs to: its name without the ``agnostic`` axis (None without it)."""
+    if "agnostic" not in values:
+        return None
+    return run_name({a: v for a, v in values.items() if a not in ("agnostic", "name")})
+
+
+def check_seeds(seeds: Any, where: str = "seeds") -> list[int]:
+    """The seeds of a sweep, checked: a non-empty list of distinct integers in [0, 2**32) (what NumPy accepts),
+    few enough for a 95% t-interval (:func:`.stats.t_critical`)."""
+    if (not isinstance(seeds, list) or not seeds or
+            not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 32 for s in seeds)):
+        raise SweepError(f"{where} must be a non-empty list of distinct integers in [0, 2**32), e.g. "
+                         f"seeds: [0, 1, 2]; got {seeds!r}")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise SweepError(f"{where} {seeds} repeat {', '.join(map(str, dup))}: each seed is one run per grid point; "
+                         "list every seed once")
+    if len(seeds) > 1:
+        try:
+            t_critical(len(seeds) - 1)  # fail now, not when the tables are written after hours of training
+        except ValueError as e:
+            raise SweepError(f"{where}: {e}") from None
+    return list(seeds)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> [0, 1, 2] (checked)."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise SweepError(f"--seeds {text}: give comma-separated integers, e.g. --seeds 0,1,2") from None
+    return check_seeds(seeds, where="--seeds")
 
 
 def expand(grid: dict[str, list] | None = None, runs: list[dict] | None = None) -> list[dict[str, Any]]:
@@ -127,8 +175,10 @@ def expand(grid: dict[str, list] | None = None, runs: list[dict] | None = None) 
     return out
 
 
-def load_sweep(path: str | os.PathLike, out: str | os.PathLike | None = None, plot: str | None = None) -> Sweep:
-    """Parse and check a sweep file; ``out`` / ``plot`` replace the file's values (command-line options)."""
+def load_sweep(path: str | os.PathLike, out: str | os.PathLike | None = None, plot: str | None = None,
+               seeds: list[int] | None = None) -> Sweep:
+    """Parse and check a sweep file; ``out`` / ``plot`` / ``seeds`` replace the file's values (command-line
+    options)."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist; see configs/sweeps/ for examples")
@@ -154,6 +204,10 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike | None = None, pl
     for p in plots:
         if p not in PLOTS:
             raise SweepError(f"plot {p!r} is not one of {', '.join(PLOTS)}")
+    if seeds is not None:
+        seeds = check_seeds(seeds, where="--seeds")
+    elif data.get("seeds") is not None:
+        seeds = check_seeds(data["seeds"], where=f"{path}: seeds")
     task = data.get("task") or load_config(base).task
     out_dir = Path(out or data.get("out") or Path("runs") / "sweeps" / path.stem)
-    return Sweep(base, task, out_dir, overrides, expand(data.get("grid"), data.get("runs")), plots)
+    return Sweep(base, task, out_dir, overrides, expand(data.get("grid"), data.get("runs")), plots, seeds)

@@ -4,16 +4,14 @@ a tiny model."""
 from __future__ import annotations
 
 import csv
-import itertools
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from conftest import tiny_overrides
+from support.sweeps import BASE, FakeTrainer, called, sweep_file
 from mtcpeft.experiments.plots import COLOURS, make_plots
 from mtcpeft.experiments.sweep import plan_runs, run_sweep
 from mtcpeft.experiments.sweep_results import collect_rows
@@ -21,29 +19,25 @@ from mtcpeft.experiments.sweep_spec import SweepError, load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
-BASE = ROOT / "configs" / "caption_offline.yaml"
-
-
-def sweep_file(tmp_path: Path, body: dict) -> Path:
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"base": str(BASE), "out": str(tmp_path / "out"), **body}, sort_keys=False))
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ expansion
-def test_table1_expands_to_30_uniquely_named_runs(tmp_path):
+def test_table1_expands_to_30_points_of_3_seeds_each(tmp_path):
     sweep = load_sweep(ROOT / "configs" / "sweeps" / "table1.yaml", out=tmp_path)
     plans = plan_runs(sweep)
-    assert len(plans) == 30 and len({p.name for p in plans}) == 30
-    assert sweep.base == BASE and sweep.task == "caption" and sweep.plots == ["bars"]
+    assert len(plans) == 90 and len({p.name for p in plans}) == 90 and len({p.point for p in plans}) == 30
+    assert sweep.base == BASE and sweep.task == "caption" and sweep.plots == ["bars"] and sweep.seeds == [0, 1, 2]
+    assert all(p.config.seed == p.seed and p.name == f"{p.point}_s{p.seed}" for p in plans)
+    assert {p.pair for p in plans} == {f"{a}_{t}" for a in ("ia3", "bitfit", "lora-1", "lora-8", "lora-64")
+                                       for t in ("A", "F", "AF")}
     got = {(p.config.adaptor.kind, p.config.adaptor.rank if p.config.adaptor.kind == "lora" else None,
             p.config.adaptor.targets, p.config.adaptor.context_agnostic) for p in plans}
     kinds = [("ia3", None), ("bitfit", None), ("lora", 1), ("lora", 8), ("lora", 64)]
     assert got == {(k, r, t, a) for k, r in kinds for t in ("A", "F", "AF") for a in (True, False)}
-    lora8 = next(p for p in plans if p.name == "lora-8_AF_specific")
+    lora8 = next(p for p in plans if p.name == "lora-8_AF_specific_s1")
     spec = lora8.config.adaptor
-    assert (spec.kind, spec.rank, spec.context_agnostic) == ("lora", 8, False)
-    assert lora8.output_dir == tmp_path / "lora-8_AF_specific" and lora8.config.output_dir == str(lora8.output_dir)
+    assert (spec.kind, spec.rank, spec.context_agnostic, lora8.config.seed) == ("lora", 8, False, 1)
+    assert lora8.output_dir == tmp_path / "lora-8_AF_specific_s1" and lora8.config.output_dir == str(lora8.output_dir)
     # the shared budget reached every run, the base config the rest
     assert all((p.config.data.train_limit, p.config.data.val_limit, p.config.train.epochs) == (200, 80, 1)
                for p in plans)
@@ -53,7 +47,8 @@ def test_table1_expands_to_30_uniquely_named_runs(tmp_path):
 def test_rank_sweep_is_lora_af_specific_over_seven_ranks(tmp_path):
     sweep = load_sweep(ROOT / "configs" / "sweeps" / "rank.yaml", out=tmp_path)
     plans = plan_runs(sweep)
-    assert [p.config.adaptor.rank for p in plans] == [1, 2, 4, 8, 16, 32, 64]
+    assert [(p.config.adaptor.rank, p.seed) for p in plans] == [(r, s) for r in (1, 2, 4, 8, 16, 32, 64)
+                                                                for s in (0, 1, 2)]
     assert {(p.config.adaptor.kind, p.config.adaptor.targets, p.config.adaptor.context_agnostic) for p in plans} == {
         ("lora", "AF", False)}
     assert sweep.plots == ["rank"]
@@ -116,7 +111,7 @@ def test_bad_sweep_files_fail_with_a_clear_error(tmp_path, body, message):
 ])
 def test_bad_run_configs_fail_before_any_training(tmp_path, body, overrides, message):
     sweep = load_sweep(sweep_file(tmp_path, body))
-    trainer = FakeTrainer(tmp_path)
+    trainer = FakeTrainer(tmp_path, PPL, PARAMS)
     with pytest.raises(SweepError, match=message.replace("?", r"\?")):
         run_sweep(sweep, overrides, command=trainer.command, echo=lambda s: None)
     assert trainer.calls == []
@@ -134,61 +129,15 @@ def test_base_is_required_and_read_from_the_sweep_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- resume and tables
-FAKE_TRAIN = """import json, os, signal, sys
-from pathlib import Path
-
-spec, args = json.loads(sys.argv[1]), sys.argv[2:]
-with open(spec["calls"], "a") as f:
-    f.write(json.dumps(args) + "\\n")
-out = Path(next(a for a in args if a.startswith("output_dir=")).partition("=")[2])
-name = out.name
-if name in spec["fail"]:  # a user error, as run_cli reports it
-    print(f"error: {name} diverged", file=sys.stderr)
-    sys.exit(2)
-if name in spec["oom"]:
-    raise MemoryError("out of memory")
-if name in spec["crash"]:  # killed after its first epoch's checkpoint
-    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoint" / "trainer_state.json").write_text("{}")
-    os.kill(os.getpid(), signal.SIGKILL)
-out.mkdir(parents=True, exist_ok=True)
-(out / "results.json").write_text(json.dumps({
-    "best_val_ppl": spec["ppl"][name], "best_epoch": 1, "trainable_parameters": spec["params"][name]}))
-"""
-_fakes = itertools.count()
-
-
-class FakeTrainer:
-    """Stands in for launch/train_task.py (a script at <tmp>/launch/train_task.py, run as the sweep runs the real
-    one): records each call; writes results.json unless told to fail."""
-
-    def __init__(self, tmp_path: Path, fail=(), crash=(), oom=()):
-        script = tmp_path / "launch" / "train_task.py"
-        script.parent.mkdir(exist_ok=True)
-        script.write_text(FAKE_TRAIN)
-        self.record = tmp_path / f"calls{next(_fakes)}.jsonl"
-        spec = {"calls": str(self.record), "fail": sorted(fail), "crash": sorted(crash), "oom": sorted(oom),
-                "ppl": PPL, "params": PARAMS}
-        self.command = [sys.executable, str(script), json.dumps(spec)]
-
-    @property
-    def calls(self) -> list[list[str]]:
-        lines = self.record.read_text().splitlines() if self.record.is_file() else []
-        return [json.loads(ln) for ln in lines]
-
-
 PPL = {"ia3_A_agnostic": 4.25, "ia3_A_specific": 4.0, "lora-8_A_agnostic": 3.5, "lora-8_A_specific": 3.125}
 PARAMS = {"ia3_A_agnostic": 1234, "ia3_A_specific": 2468, "lora-8_A_agnostic": 98765, "lora-8_A_specific": 197530}
-
-
-def called(trainer: FakeTrainer) -> dict[str, list[str]]:
-    return {Path(next(a for a in c if a.startswith("output_dir="))[11:]).name: c for c in trainer.calls}
 
 
 def test_resume_reruns_only_missing_failed_and_crashed_runs(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["ia3", "lora-8"], "targets": ["A"],
                                                       "agnostic": [True, False]}}))
-    first = FakeTrainer(tmp_path, fail={"ia3_A_specific"}, crash={"lora-8_A_agnostic"}, oom={"ia3_A_agnostic"})
+    first = FakeTrainer(tmp_path, PPL, PARAMS, fail={"ia3_A_specific"}, crash={"lora-8_A_agnostic"},
+                        oom={"ia3_A_agnostic"})
     rows = run_sweep(sweep, ["train.max_steps=3"], command=first.command, echo=lambda s: None)
     assert len(first.calls) == 4  # every failure was recorded and the sweep went on
     assert {r["run"]: r["status"] for r in rows} == {"ia3_A_agnostic": "failed", "ia3_A_specific": "failed",
@@ -202,7 +151,7 @@ def test_resume_reruns_only_missing_failed_and_crashed_runs(tmp_path):
     assert args[4:] == ["train.max_steps=3", "adaptor.kind=lora", "adaptor.rank=8", "adaptor.targets=A",
                         "adaptor.context_agnostic=false", f"output_dir={tmp_path / 'out' / 'lora-8_A_specific'}"]
 
-    second = FakeTrainer(tmp_path)
+    second = FakeTrainer(tmp_path, PPL, PARAMS)
     rows = run_sweep(sweep, ["train.max_steps=3"], command=second.command, echo=lambda s: None)
     calls = called(second)
     assert sorted(calls) == ["ia3_A_agnostic", "ia3_A_specific", "lora-8_A_agnostic"]
@@ -210,7 +159,7 @@ def test_resume_reruns_only_missing_failed_and_crashed_runs(tmp_path):
     assert "train.resume=true" not in calls["ia3_A_specific"]  # failed before any checkpoint: from scratch
     assert all(r["status"] == "ok" and r["error"] == "" for r in rows)
 
-    third = FakeTrainer(tmp_path)
+    third = FakeTrainer(tmp_path, PPL, PARAMS)
     run_sweep(sweep, ["train.max_steps=3"], command=third.command, echo=lambda s: None)
     assert third.calls == []  # everything has results.json
 
@@ -218,7 +167,7 @@ def test_resume_reruns_only_missing_failed_and_crashed_runs(tmp_path):
 def test_results_csv_and_markdown(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["ia3", "lora-8"], "targets": ["A"],
                                                       "agnostic": [True, False]}}))
-    run_sweep(sweep, command=FakeTrainer(tmp_path, fail={"ia3_A_specific"}).command, echo=lambda s: None)
+    run_sweep(sweep, command=FakeTrainer(tmp_path, PPL, PARAMS, fail={"ia3_A_specific"}).command, echo=lambda s: None)
     with open(tmp_path / "out" / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["ia3_A_agnostic", "ia3_A_specific", "lora-8_A_agnostic", "lora-8_A_specific"]
@@ -243,7 +192,7 @@ def test_a_plot_that_cannot_be_drawn_leaves_the_tables(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["ia3"], "targets": ["A"], "agnostic": [True]},
                                              "plot": ["rank", "bars"]}))
     lines: list[str] = []
-    run_sweep(sweep, command=FakeTrainer(tmp_path).command, echo=lines.append)
+    run_sweep(sweep, command=FakeTrainer(tmp_path, PPL, PARAMS).command, echo=lines.append)
     assert any(ln.startswith("no plot: a rank plot needs LoRA runs") for ln in lines)
     assert (tmp_path / "out" / "results.csv").is_file() and not (tmp_path / "out" / "ppl_rank.png").exists()
     assert (tmp_path / "out" / "ppl_bars.png").is_file()
@@ -251,7 +200,7 @@ def test_a_plot_that_cannot_be_drawn_leaves_the_tables(tmp_path):
 
 def test_dry_run_trains_nothing_and_writes_nothing(tmp_path, monkeypatch):
     sweep = load_sweep(sweep_file(tmp_path, {"grid": {"adaptor": ["ia3", "bitfit"]}}))
-    lines, trainer = [], FakeTrainer(tmp_path)
+    lines, trainer = [], FakeTrainer(tmp_path, PPL, PARAMS)
     monkeypatch.chdir(tmp_path)  # the commands are shown as typed from here
     rows = run_sweep(sweep, command=trainer.command[:2], dry_run=True, echo=lines.append)
     assert trainer.calls == [] and not (tmp_path / "out").exists()
