@@ -56,10 +56,17 @@ def read_spec(path: str) -> dict:
     return out
 
 
+def with_overrides(spec_plugins: list[str], cli_plugins: list[str]) -> list[str]:
+    """The spec's plugins, with each named on the command line (``--plugin NAME=DIR``) replaced by that entry."""
+    named = {p.split("=", 1)[0] for p in cli_plugins if "=" in p}
+    return [p for p in spec_plugins if p.split("=", 1)[0] not in named] + cli_plugins
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plugin", action="append", default=[], metavar="NAME=DIR",
-                    help="a plugin directory, named (NAME=DIR) or taking its task as name; repeat")
+                    help="a plugin directory, named (NAME=DIR) or taking its task as name; repeat; replaces the "
+                         "--spec's plugin of the same NAME")
     ap.add_argument("--route", action="append", default=[], metavar="TASK.CTX=SRC.CTX[+SRC.CTX]",
                     help="route a downstream task's context to a group (or several, merged); repeat")
     ap.add_argument("--spec", help="YAML file with the same keys (plugins, routes, strategy, ...)")
@@ -77,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Manifest:
     args = parse_args(argv)
     spec = read_spec(args.spec) if args.spec else {}
-    plugins = spec.get("plugins", []) + args.plugin
+    plugins = with_overrides(spec.get("plugins", []), args.plugin)
     routes = spec.get("routes", []) + args.route
     out = args.out or spec.get("out")
     if not plugins or not out:

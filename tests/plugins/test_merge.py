@@ -312,6 +312,13 @@ def test_cli_and_yaml_spec_end_to_end(tmp_path, capsys):
     b, tb = load_plugin(tmp_path / "yaml")
     assert json.dumps(a.routes) == json.dumps(b.routes) and a.contexts == b.contexts
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    # a --plugin NAME=DIR replaces the spec's plugin of that name (here: qa from a missing directory -> the real one)
+    spec_data = yaml.safe_load(spec.read_text())
+    spec_data["plugins"]["qa"], spec_data["out"] = str(tmp_path / "not-trained"), str(tmp_path / "over")
+    spec.write_text(yaml.safe_dump(spec_data, sort_keys=False))
+    cli.main(["--spec", str(spec), f"--plugin=qa={qdir}"])
+    c, tc = load_plugin(tmp_path / "over")
+    assert c.contexts == b.contexts and all(torch.equal(tc[k], tb[k]) for k in tb)
     merged = _load(tmp_path / "yaml", tiny_lm("llama"))
     _assert_reproduces(merged, a, "qa", qa)
     # user errors end in one line and exit status 2
